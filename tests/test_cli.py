@@ -1,0 +1,139 @@
+"""The `openllm-edu` command, run as a user runs it: a subprocess of the installed console script."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = str(Path(sys.executable).parent / "openllm-edu")
+
+SAMPLE = ("Now is the winter of our discontent\nMade glorious summer by this sun of York;\n"
+          "And all the clouds that lour'd upon our house\nIn the deep bosom of the ocean buried.\n")
+
+
+def openllm_edu(*args, env=None, cwd=None):
+    environment = {**os.environ, "OPENLLM_EDU_PROFILE": "ci", **(env or {})}
+    return subprocess.run([CLI, *map(str, args)], capture_output=True, text=True, env=environment,
+                          cwd=cwd, timeout=600)
+
+
+def assert_clean_error(done, *words):
+    "Exit status 2, one short line on stderr that names the problem, and no traceback."
+    assert done.returncode == 2, f"exit {done.returncode}\nstdout: {done.stdout}\nstderr: {done.stderr}"
+    assert "Traceback" not in done.stderr + done.stdout
+    message = done.stderr.strip()
+    assert message.startswith("error:") or "usage:" in message, message
+    for word in words:
+        assert word in message, f"{word!r} not in {message!r}"
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "plays.txt"
+    path.write_text(SAMPLE * 40)
+    return path
+
+
+@pytest.fixture
+def text_folder(tmp_path):
+    "Twenty different documents, one per file, so that a hash split has something to split."
+    folder = tmp_path / "plays"
+    folder.mkdir()
+    for i in range(20):
+        (folder / f"scene{i:02d}.txt").write_text(f"SCENE {i}.\n" + SAMPLE * (i + 1))
+    return folder
+
+
+def test_help_lists_every_command():
+    done = openllm_edu("--help")
+    assert done.returncode == 0
+    for command in ("doctor", "run", "data", "tokenizer", "bench", "instructor", "grade"):
+        assert command in done.stdout
+
+
+def test_doctor_prints_one_verdict_per_line():
+    done = openllm_edu("doctor")
+    assert done.returncode in (0, 1)
+    checks = [line for line in done.stdout.splitlines() if line.startswith("[")]
+    assert len(checks) >= 10
+    assert all(line.startswith(("[OK]", "[FAIL]")) for line in checks)
+    assert {line.split(":")[0].split()[-1] for line in checks} >= {"python", "torch", "device", "bf16", "memory"}
+
+
+@pytest.mark.parametrize("kind, vocab", [("char", 0), ("bpe", 200), ("sentencepiece", 5)])
+def test_impossible_vocab_size(text_file, tmp_path, kind, vocab):
+    done = openllm_edu("tokenizer", "train", "--kind", kind, "--vocab-size", vocab,
+                       "--input", text_file, "--out", tmp_path / "tok")
+    assert_clean_error(done, "vocab")
+    assert not (tmp_path / "tok").exists()
+
+
+def test_missing_input(tmp_path):
+    done = openllm_edu("tokenizer", "train", "--kind", "bpe", "--vocab-size", 300,
+                       "--input", tmp_path / "nowhere.txt", "--out", tmp_path / "tok")
+    assert_clean_error(done, "nowhere.txt")
+
+
+def test_empty_and_binary_inputs(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    binary = tmp_path / "weights.txt"
+    binary.write_bytes(bytes(range(256)) * 4)
+    for path in (empty, binary):
+        done = openllm_edu("tokenizer", "train", "--kind", "bpe", "--vocab-size", 300,
+                           "--input", path, "--out", tmp_path / "tok")
+        assert_clean_error(done, path.name)
+
+
+def test_broken_settings(tmp_path, text_file):
+    broken = tmp_path / "settings.ini"
+    broken.write_text((ROOT / "settings.ini").read_text().replace("batch_size = 8", "batch_size = eight", 1))
+    done = openllm_edu("tokenizer", "train", "--kind", "bpe", "--vocab-size", 300, "--input", text_file,
+                       "--out", tmp_path / "tok", env={"OPENLLM_EDU_SETTINGS": str(broken)})
+    assert_clean_error(done, "[profile.ci]", "batch_size", "eight")
+
+
+def test_bad_flags_exit_2():
+    assert openllm_edu("tokenizer", "train", "--kind", "words").returncode == 2
+    assert openllm_edu("grade").returncode == 2
+
+
+def test_missing_tokenizer_and_submission(tmp_path, text_file):
+    done = openllm_edu("data", "prepare", "--corpus", text_file, "--tokenizer", tmp_path / "no-tokenizer",
+                       "--out", tmp_path / "data")
+    assert_clean_error(done, "no-tokenizer")
+    assert_clean_error(openllm_edu("grade", tmp_path / "alice_01_data.ipynb"), "alice_01_data.ipynb")
+
+
+def test_train_then_prepare(tmp_path, text_folder):
+    done = openllm_edu("tokenizer", "train", "--kind", "bpe", "--vocab-size", 300, "--input", text_folder,
+                       "--out", tmp_path / "tok")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "tok" / "tokenizer.json").is_file()
+
+    done = openllm_edu("data", "prepare", "--corpus", text_folder, "--tokenizer", tmp_path / "tok",
+                       "--out", tmp_path / "data", "--val-fraction", 0.3)
+    assert done.returncode == 0, done.stderr
+    documents = 0
+    for split in ("train", "val"):
+        sidecar = json.loads((tmp_path / "data" / f"{split}.json").read_text())
+        itemsize = {"uint16": 2, "uint32": 4}[sidecar["dtype"]]
+        assert sidecar["count"] == (tmp_path / "data" / f"{split}.bin").stat().st_size // itemsize > 0
+        documents += sidecar["documents"]
+    assert documents == 20
+
+
+def test_main_job_on_the_ci_profile(tmp_path):
+    done = openllm_edu("run", "--out", tmp_path / "main")
+    assert done.returncode == 0, done.stderr
+    assert "profile: ci" in done.stdout
+    for name in ("tokenizer/tokenizer.json", "data/train.bin", "data/val.bin", "data/train.json"):
+        assert (tmp_path / "main" / name).is_file(), name
+
+
+def test_release_check_is_clean():
+    done = openllm_edu("instructor", "release", "--check")
+    assert done.returncode == 0, done.stdout + done.stderr

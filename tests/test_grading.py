@@ -1,0 +1,449 @@
+"""The grader: check helpers, release, and grading submissions that behave and misbehave.
+
+Most tests grade submissions of a toy assignment (tests/fixtures/grading/solutions/99_toy.ipynb, 5 points:
+running_sum 1, softmax 2, histogram 2) under the small limits of tests/fixtures/grading/settings.ini.
+The last tests grade the real course's solution notebooks and their released exercises.
+"""
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import jupytext
+import nbformat
+import numpy as np
+import pytest
+import torch
+
+from openllm_edu import grading
+from openllm_edu.core import CourseError, load_settings
+from openllm_edu.grading import (Case, GradeReport, check_against_reference, difference, expect_equal, grade,
+                                 grader_seed, release, release_differences)
+
+FIXTURE = Path(__file__).parent / "fixtures" / "grading"
+REPO = Path(__file__).resolve().parents[1]
+FULL = {"running_sum": 1, "softmax": 2, "histogram": 2}
+INSTALLED_PACKAGE = grading._PACKAGE_DIR
+
+
+@pytest.fixture(autouse=True)
+def private_package_dir(tmp_path_factory, monkeypatch):
+    """Protect a scratch folder instead of the installed package.
+
+    Other processes (an nbdev-export, another test worker) may rewrite the package while these tests run;
+    the grader would take that for tampering and undo it. One test below checks the real folder is watched.
+    """
+    monkeypatch.setattr(grading, "_PACKAGE_DIR", tmp_path_factory.mktemp("package"))
+
+
+@pytest.fixture(scope="module")
+def settings():
+    return load_settings(FIXTURE / "settings.ini")
+
+
+@pytest.fixture()
+def course(tmp_path):
+    "A private copy of the toy course: solutions/ and the released exercises/."
+    shutil.copytree(FIXTURE / "solutions", tmp_path / "solutions")
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def solution():
+    return nbformat.read(FIXTURE / "solutions" / "99_toy.ipynb", as_version=4)
+
+
+def solution_code(nb, grade_id: str) -> str:
+    "The source of the solution cell whose grade_id is `<grade_id>_code`."
+    return next(c.source for c in nb.cells if grading._nbgrader(c).get("grade_id") == f"{grade_id}_code")
+
+
+def script(tmp_path: Path, name: str, *cells: str) -> Path:
+    "A jupytext percent submission made of `cells`, with the toy assignment's imports first."
+    path = tmp_path / name
+    path.write_text("".join(f"# %%\n{c}\n\n" for c in ("import numpy as np\nimport torch", *cells)))
+    return path
+
+
+def points(report: GradeReport) -> dict[str, float]:
+    return {item.grade_id: item.points for item in report.items}
+
+
+def feedback(report: GradeReport, grade_id: str) -> str:
+    return next(item.feedback for item in report.items if item.grade_id == grade_id)
+
+
+# ---------------------------------------------------------------- check helpers
+
+@pytest.mark.parametrize("actual, expected, message", [
+    (torch.zeros(2, 16, 8), torch.zeros(2, 8, 16), "shape (2, 8, 16) expected, got (2, 16, 8)"),
+    (torch.zeros(3), torch.zeros(3, dtype=torch.int64), "dtype torch.int64 expected, got torch.float32"),
+    ({(3, 4): 3}, {(3, 4): 2}, "key (3, 4): 2 expected, got 3"),
+    ({}, {(3, 4): 2}, "1 keys expected, got 0: missing key (3, 4)"),
+    ({(3, 4): 2, 5: 1}, {(3, 4): 2}, "1 keys expected, got 2: unexpected key 5"),
+    (None, [1], "returned None — did you forget `return`?"),
+    ([1, 2], [1, 3], "result[1]: 3 expected, got 2"),
+    ([1, 2, 3], [1, 2], "length 2 expected, got 3"),
+    (np.zeros((2, 3)), np.zeros((3, 2)), "shape (3, 2) expected, got (2, 3)"),
+    (np.zeros(3, dtype=np.int32), np.zeros(3, dtype=np.int64), "dtype int64 expected, got int32"),
+    (np.dtype(np.int32), np.dtype(np.uint16), "numpy dtype uint16 expected, got int32"),
+    ([1, 2], np.array([1, 2]), "a numpy array expected, got list [1, 2]"),
+    (3.0, 3, "an integer expected, got float 3.0"),
+    (torch.tensor(3), 3, "a number expected, got torch.Tensor"),
+    ("abd", "abc", "first difference at position 2: 'abc' expected, got 'abd'"),
+    (b"ab", "ab", "str expected, got bytes b'ab'"),
+    ({1}, {1, 2}, "missing [2]"),
+    (1, True, "a bool expected, got int 1"),
+])
+def test_difference_says_what_differs(actual, expected, message):
+    assert difference(actual, expected).startswith(message)
+
+
+def test_difference_accepts_equal_values_and_tolerances():
+    assert difference([1, (2, 3)], [1, [2, 3]]) is None  # lists and tuples are interchangeable
+    assert difference({"a": [np.int64(1)]}, {"a": [1]}) is None
+    assert difference(0.1 + 0.2, 0.3) is not None and difference(0.1 + 0.2, 0.3, atol=1e-12) is None
+    assert difference(float("nan"), float("nan")) is None
+    assert difference(torch.tensor([1.0, 2.0]) + 1e-7, torch.tensor([1.0, 2.0]), atol=1e-6) is None
+    assert "largest difference" in difference(torch.tensor([1.0, 2.5]), torch.tensor([1.0, 2.0]), atol=1e-6)
+    assert difference(np.uint16, np.dtype("uint16")) is None
+
+
+def test_expect_equal_prefixes_what_was_checked():
+    expect_equal([1], [1], "x")
+    with pytest.raises(AssertionError, match=r"^logits: shape \(3, 2\) expected, got \(2, 3\)$"):
+        expect_equal(torch.ones(2, 3), torch.ones(3, 2), "logits")
+
+
+def test_check_against_reference_reports_the_failing_input():
+    def wrong_sum(xs):
+        return sum(xs) + (1 if len(xs) > 2 else 0)
+    with pytest.raises(AssertionError) as info:
+        check_against_reference(wrong_sum, sum, [([1],), ([1, 2],), ([1, 2, 3],)])
+    text = str(info.value)
+    assert "wrong_sum is wrong on case 3 of 3" in text and "wrong_sum([1, 2, 3])" in text
+    assert "6 expected, got 7" in text
+
+
+def test_check_against_reference_reports_student_errors_with_their_line():
+    def crashes(xs):
+        return xs[10]
+    with pytest.raises(AssertionError) as info:
+        check_against_reference(crashes, lambda xs: 0, [[1, 2]])
+    text = str(info.value)
+    assert "IndexError: list index out of range" in text and "crashes([1, 2])" in text
+    assert "`return xs[10]`" in text
+
+
+def test_check_against_reference_special_cases():
+    def todo(x):
+        raise NotImplementedError()
+    with pytest.raises(AssertionError, match="todo is not implemented yet"):
+        check_against_reference(todo, abs, [1])
+    with pytest.raises(AssertionError, match="did you forget `return`"):
+        check_against_reference(lambda x: None, abs, [1], name="f")
+    with pytest.raises(AssertionError, match=r"ValueError expected \(math domain error\)"):
+        check_against_reference(lambda x: 0.0, math.sqrt, [-1.0], name="root")
+    assert check_against_reference(math.sqrt, math.sqrt, [-1.0, 4.0]) == 2  # both raise, then both agree
+    assert check_against_reference(lambda a, b=0: a + b, lambda a, b=0: b + a, [Case((1,), {"b": 2})]) == 1
+    with pytest.raises(AssertionError, match="differs from the reference"):
+        check_against_reference(lambda x: x, lambda x: -x, [1], compare=lambda a, e: a == e)
+
+
+def test_inputs_are_copied_for_each_function():
+    def clears(xs):
+        xs.clear()
+        return 0
+    assert check_against_reference(clears, lambda xs: len(xs) * 0, [([1, 2],)]) == 1
+
+
+def test_grader_seed_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv(grading.SEED_ENV, "1234")
+    assert grader_seed() == 1234
+    monkeypatch.delenv(grading.SEED_ENV)
+    assert grader_seed() == grader_seed()  # one random seed per process
+    monkeypatch.setenv(grading.SEED_ENV, "lots")
+    with pytest.raises(CourseError, match="whole number"):
+        grader_seed()
+
+
+# ---------------------------------------------------------------- release
+
+def test_release_is_deterministic_and_strips_every_region(course, settings, solution):
+    first = release(course / "solutions", course / "a", settings)
+    second = release(course / "solutions", course / "b", settings)
+    assert [p.name for p in first] == ["99_toy.ipynb"]
+    assert first[0].read_bytes() == second[0].read_bytes()
+    text = first[0].read_text()
+    for marker in ("BEGIN SOLUTION", "END SOLUTION", "HIDDEN TESTS", "itertools", "bincount"):
+        assert marker not in text
+    exercise = nbformat.read(first[0], as_version=4)
+    assert exercise.metadata["openllm_edu"]["assignment"] == "99_toy"
+    assert [c.metadata for c in exercise.cells] == [c.metadata for c in solution.cells]
+    assert all(c.outputs == [] and c.execution_count is None for c in exercise.cells if c.cell_type == "code")
+    stub = next(c.source for c in exercise.cells if c.source.startswith("def running_sum"))
+    assert stub == "def running_sum(xs):\n    # YOUR CODE HERE\n    raise NotImplementedError()"
+    before = first[0].stat().st_mtime_ns
+    release(course / "solutions", course / "a", settings)
+    assert first[0].stat().st_mtime_ns == before, "an unchanged exercise is not rewritten"
+
+
+def test_release_differences(course, settings):
+    solutions, exercises = course / "solutions", course / "exercises"
+    assert any("is missing" in d for d in release_differences(solutions, exercises, settings))
+    [path] = release(solutions, exercises, settings)
+    assert release_differences(solutions, exercises, settings) == []
+    path.write_bytes(path.read_bytes().replace(b"YOUR CODE HERE", b"my code"))
+    (exercises / "old.ipynb").write_text("{}")
+    differences = release_differences(solutions, exercises, settings)
+    assert len(differences) == 2
+    assert "99_toy.ipynb differs" in differences[0] and "old.ipynb has no solution notebook" in differences[1]
+
+
+def test_points_must_match_settings(course, settings):
+    wrong = dataclasses.replace(settings, exercise_points={"99_toy": {**FULL, "softmax": 3}})
+    with pytest.raises(CourseError) as info:
+        release(course / "solutions", course / "exercises", wrong)
+    text = str(info.value)
+    assert "99_toy.ipynb" in text and "'softmax': 2 points in the notebook, 3 in settings.ini" in text
+    missing = dataclasses.replace(settings, exercise_points={"99_toy": {**FULL, "extra": 1}})
+    with pytest.raises(CourseError, match="'extra': 1 points in settings.ini"):
+        release(course / "solutions", course / "exercises", missing)
+    with pytest.raises(CourseError, match=r"no \[exercises.99_toy\] section"):
+        release(course / "solutions", course / "exercises", dataclasses.replace(settings, exercise_points={}))
+
+
+def test_release_rejects_malformed_solutions(course, settings, solution):
+    broken = nbformat.from_dict(json.loads(json.dumps(solution)))
+    graded = [c for c in broken.cells if grading.is_graded_cell(c)]
+    graded[1].metadata["nbgrader"]["grade_id"] = graded[0].metadata["nbgrader"]["grade_id"]
+    nbformat.write(broken, course / "solutions" / "99_toy.ipynb")
+    with pytest.raises(CourseError, match="'running_sum' is used twice"):
+        release(course / "solutions", course / "exercises", settings)
+    unclosed = nbformat.from_dict(json.loads(json.dumps(solution)))
+    cell = next(c for c in unclosed.cells if "### END SOLUTION" in c.source)
+    cell.source = cell.source.replace("### END SOLUTION", "")
+    nbformat.write(unclosed, course / "solutions" / "99_toy.ipynb")
+    with pytest.raises(CourseError, match="never closed"):
+        release(course / "solutions", course / "exercises", settings)
+
+
+# ---------------------------------------------------------------- grading: scores
+
+def test_solution_scores_full_marks_and_exercise_zero(course, settings):
+    solutions = course / "solutions"
+    full = grade(solutions / "99_toy.ipynb", solutions_dir=solutions, settings=settings)
+    assert points(full) == FULL and (full.total, full.max_total) == (5, 5)
+    assert all(item.passed for item in full.items) and not full.cell_errors and not full.problem
+    [exercise] = release(solutions, course / "exercises", settings)
+    empty = grade(exercise, solutions_dir=solutions, settings=settings)
+    assert empty.total == 0 and empty.max_total == 5
+    assert "running_sum is not implemented yet" in feedback(empty, "running_sum")
+
+
+def test_half_done_submission_scores_in_between(course, settings, solution):
+    solutions = course / "solutions"
+    [exercise] = release(solutions, course / "exercises", settings)
+    nb = nbformat.read(exercise, as_version=4)
+    for cell in nb.cells:
+        for grade_id in ("running_sum", "histogram"):
+            if grading._nbgrader(cell).get("grade_id") == f"{grade_id}_code":
+                cell.source = solution_code(solution, grade_id)
+    submission = course / "alice.ipynb"
+    nbformat.write(nb, submission)
+    report = grade(submission, solutions_dir=solutions, settings=settings, seed=7)
+    assert points(report) == {"running_sum": 1, "softmax": 0, "histogram": 2}
+    assert report.seed == 7 and report.assignment == "99_toy"  # the name comes from the notebook's metadata
+    assert "softmax is not implemented yet" in feedback(report, "softmax")
+
+
+def test_wrong_answer_gets_actionable_feedback(tmp_path, settings, solution):
+    wrong_softmax = "def softmax(x):\n    return torch.exp(x) / torch.exp(x).sum(dim=0, keepdim=True)"
+    wrong_histogram = "def histogram(values, bins):\n    return np.bincount(values, minlength=bins).astype(np.int32)"
+    path = script(tmp_path, "bob_99_toy.py", solution_code(solution, "running_sum"), wrong_softmax, wrong_histogram)
+    report = grade(path, solutions_dir=FIXTURE / "solutions", settings=settings)
+    assert points(report) == {"running_sum": 1, "softmax": 0, "histogram": 0}
+    assert "softmax is wrong on case" in feedback(report, "softmax") and "values differ" in feedback(report, "softmax")
+    assert feedback(report, "histogram").startswith("histogram([0, 2, 2], 3): dtype int64 expected, got int32")
+    assert "bob_99_toy.py" in str(report) and "histogram" in str(report)
+
+
+def test_jupytext_submissions(tmp_path, settings, solution):
+    "A percent script with metadata scores like the notebook; one without it still has its test cells replaced."
+    (tmp_path / "carol_99_toy.py").write_text(jupytext.writes(solution, fmt="py:percent"))
+    report = grade(tmp_path / "carol_99_toy.py", solutions_dir=FIXTURE / "solutions", settings=settings)
+    assert report.total == 5 and report.assignment == "99_toy"
+    exercise = grading.release_notebook(solution, "99_toy")
+    for cell in exercise.cells:
+        cell.metadata = {}
+    plain = jupytext.writes(exercise, fmt="py:percent")
+    assert "nbgrader" not in plain
+    (tmp_path / "dan_99_toy.py").write_text(plain)
+    report = grade(tmp_path / "dan_99_toy.py", solutions_dir=FIXTURE / "solutions", settings=settings)
+    assert report.total == 0 and report.cell_errors == []  # visible tests were not run as the student's cells
+
+
+def test_assignment_must_be_known(tmp_path, settings, solution):
+    (tmp_path / "homework.py").write_text(jupytext.writes(solution, fmt="py:percent"))
+    with pytest.raises(CourseError, match="pass --assignment"):
+        grade(tmp_path / "homework.py", solutions_dir=FIXTURE / "solutions", settings=settings)
+    report = grade(tmp_path / "homework.py", assignment="99_toy", solutions_dir=FIXTURE / "solutions",
+                   settings=settings)
+    assert report.total == 5
+    with pytest.raises(CourseError, match="no solution notebook"):
+        grade(tmp_path / "homework.py", assignment="98_nothing", solutions_dir=FIXTURE / "solutions",
+              settings=settings)
+    (tmp_path / "notes_99_toy.txt").write_text("hello")
+    with pytest.raises(CourseError, match=".ipynb notebook or a jupytext"):
+        grade(tmp_path / "notes_99_toy.txt", solutions_dir=FIXTURE / "solutions", settings=settings)
+
+
+def test_report_as_json(tmp_path, settings, solution):
+    path = script(tmp_path, "eve_99_toy.py", solution_code(solution, "running_sum"))
+    data = json.loads(grade(path, solutions_dir=FIXTURE / "solutions", settings=settings, seed=3).to_json())
+    assert (data["total"], data["max_total"], data["seed"], data["assignment"]) == (1, 5, 3, "99_toy")
+    assert [item["grade_id"] for item in data["items"]] == list(FULL)
+    assert data["items"][1]["feedback"].startswith("NameError: name 'softmax' is not defined")
+
+
+# ---------------------------------------------------------------- grading: misbehaving submissions
+
+def all_solutions(solution) -> list[str]:
+    return [solution_code(solution, g) for g in FULL]
+
+
+def test_top_level_infinite_loop_costs_nothing_but_time(tmp_path, settings, solution):
+    path = script(tmp_path, "loop_99_toy.py", *all_solutions(solution), "while True:\n    pass")
+    report = grade(path, solutions_dir=FIXTURE / "solutions", settings=settings)
+    assert report.total == 5
+    assert report.cell_errors and "timed out after 2 s" in report.cell_errors[0]
+
+
+def test_infinite_loop_inside_a_graded_function(tmp_path, settings, solution):
+    looping = "def softmax(x):\n    while True:\n        pass"
+    path = script(tmp_path, "loop_99_toy.py", solution_code(solution, "running_sum"), looping,
+                  solution_code(solution, "histogram"))
+    report = grade(path, solutions_dir=FIXTURE / "solutions", settings=settings)
+    assert points(report) == {"running_sum": 1, "softmax": 0, "histogram": 2}
+    assert "timed out" in feedback(report, "softmax")
+
+
+def test_a_loop_that_swallows_the_timer_hits_the_wall_clock(tmp_path, settings, solution):
+    stubborn = "import time\nwhile True:\n    try:\n        time.sleep(10)\n    except BaseException:\n        pass"
+    path = script(tmp_path, "stubborn_99_toy.py", *all_solutions(solution), stubborn)
+    limits = dataclasses.replace(settings.grader, timeout_seconds=6)
+    start = time.monotonic()
+    report = grade(path, solutions_dir=FIXTURE / "solutions", settings=dataclasses.replace(settings, grader=limits))
+    assert time.monotonic() - start < 6 + 5
+    assert report.total == 0 and "timed out in cell 5" in report.problem
+    assert feedback(report, "softmax") == f"not run: {report.problem}"
+
+
+def test_import_failure_costs_only_what_depends_on_it(tmp_path, settings, solution):
+    broken = "import does_not_exist\n\n" + solution_code(solution, "running_sum")
+    path = script(tmp_path, "frank_99_toy.py", broken, solution_code(solution, "softmax"),
+                  solution_code(solution, "histogram"))
+    report = grade(path, solutions_dir=FIXTURE / "solutions", settings=settings)
+    assert points(report) == {"running_sum": 0, "softmax": 2, "histogram": 2}
+    assert "ModuleNotFoundError: No module named 'does_not_exist'" in report.cell_errors[0]
+    assert "`import does_not_exist`" in report.cell_errors[0]
+    assert "NameError" in feedback(report, "running_sum")
+
+
+def test_syntax_error_is_reported(tmp_path, settings, solution):
+    path = script(tmp_path, "gina_99_toy.py", *all_solutions(solution), "def oops(:\n    pass")
+    report = grade(path, solutions_dir=FIXTURE / "solutions", settings=settings)
+    assert report.total == 5 and "SyntaxError" in report.cell_errors[0] and "cell 5 line 1" in report.cell_errors[0]
+
+
+def test_allocating_50_gb(tmp_path, settings, solution):
+    greedy_histogram = ("def histogram(values, bins):\n"
+                        "    scratch = torch.empty(50 * 2**30, dtype=torch.uint8)\n"
+                        "    return np.bincount(values, minlength=bins)")
+    path = script(tmp_path, "hal_99_toy.py", "big = bytearray(50 * 2**30)", solution_code(solution, "running_sum"),
+                  solution_code(solution, "softmax"), greedy_histogram)
+    report = grade(path, solutions_dir=FIXTURE / "solutions", settings=settings)
+    assert points(report) == {"running_sum": 1, "softmax": 2, "histogram": 0}
+    assert "MemoryError" in report.cell_errors[0] and "2048 MB" in report.cell_errors[0]
+    assert "allocate" in feedback(report, "histogram")
+
+
+def test_printing_megabytes_is_cut_and_still_scored(tmp_path, settings, solution):
+    chatty = "for _ in range(5):\n    print('x' * 1_000_000)"
+    path = script(tmp_path, "ivy_99_toy.py", chatty, *all_solutions(solution))
+    report = grade(path, solutions_dir=FIXTURE / "solutions", settings=settings)
+    assert report.total == 5
+    assert report.output_truncated and len(report.output.encode()) == 16 * 1024
+    assert report.dropped_output_bytes == 5 * 1_000_001 - 16 * 1024
+    assert "printed too much" in str(report)
+
+
+@pytest.mark.parametrize("ending, cause", [
+    ("import os\nos._exit(3)", "exit status 3"),
+    ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", "killed"),
+    ("raise SystemExit(1)", None),  # an ordinary exception: the run goes on
+])
+def test_a_submission_that_ends_its_process(tmp_path, settings, solution, ending, cause):
+    path = script(tmp_path, "jo_99_toy.py", *all_solutions(solution), ending)
+    report = grade(path, solutions_dir=FIXTURE / "solutions", settings=settings)
+    if cause is None:
+        assert report.total == 5 and "SystemExit" in report.cell_errors[0]
+    else:
+        assert report.total == 0 and cause in report.problem and "cell 5" in report.problem
+        assert all(item.feedback.startswith("not run:") for item in report.items)
+
+
+@pytest.mark.parametrize("attack", ["overwrite", "delete"])
+def test_touching_the_solutions_is_undone_and_flagged(course, settings, solution, attack):
+    target = course / "solutions" / "99_toy.ipynb"
+    original = target.read_bytes()
+    action = f"open({str(target)!r}, 'w').write('{{}}')" if attack == "overwrite" else f"os.remove({str(target)!r})"
+    path = script(course, "kim_99_toy.py", *all_solutions(solution), f"import os\n{action}")
+    report = grade(path, solutions_dir=course / "solutions", settings=settings)
+    assert target.read_bytes() == original
+    assert report.total == 0 and str(target) in report.tampered[0]
+    assert "changed the grader's files" in str(report)
+
+
+def test_touching_the_package_is_undone_and_flagged(tmp_path, settings, solution):
+    package = grading._PACKAGE_DIR
+    (package / "core.py").write_text("original")
+    planted = package / "tokenizer" / "__init__.py"
+    attack = (f"open({str(package / 'core.py')!r}, 'w').write('patched')\n"
+              f"import os\nos.makedirs({str(planted.parent)!r})\nopen({str(planted)!r}, 'w').write('fake')")
+    path = script(tmp_path, "lee_99_toy.py", *all_solutions(solution), attack)
+    report = grade(path, solutions_dir=FIXTURE / "solutions", settings=settings)
+    assert (package / "core.py").read_text() == "original" and not planted.parent.exists()
+    assert report.total == 0 and len(report.tampered) == 2
+
+
+def test_the_installed_package_is_protected(settings, monkeypatch):
+    monkeypatch.setattr(grading, "_PACKAGE_DIR", INSTALLED_PACKAGE)
+    protected = grading._protected_files(FIXTURE / "solutions", settings)
+    assert Path(grading.__file__).resolve() in protected
+    assert FIXTURE / "solutions" / "99_toy.ipynb" in protected and settings.path in protected
+
+
+# ---------------------------------------------------------------- the real course
+
+REAL_ASSIGNMENTS = sorted({"01_data", "02_tokenizer"} | {p.stem for p in (REPO / "solutions").glob("*.ipynb")})
+
+
+@pytest.mark.parametrize("stem", REAL_ASSIGNMENTS)
+def test_real_solutions_score_full_and_exercises_zero(stem, tmp_path):
+    solution_path = REPO / "solutions" / f"{stem}.ipynb"
+    if not solution_path.exists():
+        pytest.skip(f"solutions/{stem}.ipynb does not exist yet")
+    settings = load_settings(REPO / "settings.ini")
+    solutions = tmp_path / "solutions"  # a copy: the repository's files stay untouched whatever happens
+    shutil.copytree(REPO / "solutions", solutions)
+    exercise = tmp_path / f"{stem}.ipynb"
+    exercise.write_bytes(grading.render_exercise(solution_path, settings))
+    full = grade(solutions / f"{stem}.ipynb", solutions_dir=solutions, settings=settings)
+    assert full.total == full.max_total == sum(settings.exercise_points[stem].values()), str(full)
+    assert not full.cell_errors, str(full)
+    empty = grade(exercise, solutions_dir=solutions, settings=settings)
+    assert empty.total == 0 and not empty.problem, str(empty)

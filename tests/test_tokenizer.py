@@ -1,0 +1,249 @@
+"""Behaviour of openllm_edu.tokenizer: every tokenizer round-trips any Unicode text, the fast BPE trainer and
+encoder agree exactly with the obvious reference versions, and bad input is a CourseError that says what to do."""
+import warnings
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from openllm_edu.core import CourseError
+from openllm_edu.data import shakespeare_documents
+from openllm_edu.tokenizer import (
+    BPETokenizer, CharTokenizer, EOS_TOKEN, SentencePieceTokenizer, bpe_decode, bpe_encode, encode_chunk,
+    format_tokenizer_bench, get_stats, load_tokenizer, make_tokenizer, merge, split_text, time_tokenizer_training,
+    train_bpe_incremental, train_bpe_naive, train_tokenizer, bench_bpe_training,
+)
+
+TRICKY = ["\u2581", " ", "  ", "\n", "\r\n", "\t", "<s>", "</s>", "<unk>", "<0x41>", EOS_TOKEN, "a", "é", "e\u0301",
+          "日本", "🙂", "\x00", "\u200b", "\ufeff", "'s", "1234", "—"]
+any_text = st.one_of(st.text(), st.lists(st.sampled_from(TRICKY)).map("".join))
+small_alphabet_docs = st.lists(st.text(alphabet="ab c\n'é1", max_size=40), min_size=1, max_size=4).filter(
+    lambda docs: any(docs))
+PATTERNS = [None, "gpt2", "gpt4"]
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return shakespeare_documents(max_bytes=6_000) + ["naïve café, 日本語の文章 🙂 — “quoted” text"]
+
+
+@pytest.fixture(scope="module")
+def tokenizers(corpus):
+    return {
+        "char": CharTokenizer().train(corpus),
+        "bpe-none": BPETokenizer(None).train(corpus, 400),
+        "bpe-gpt4": BPETokenizer("gpt4").train(corpus, 400),
+        "sentencepiece": SentencePieceTokenizer().train(corpus, 400),
+    }
+
+
+KINDS = ["char", "bpe-none", "bpe-gpt4", "sentencepiece"]
+
+
+# --- known answers -------------------------------------------------------------------------------------------
+
+def test_wikipedia_example():
+    merges = train_bpe_naive("aaabdaaabac", 256 + 3)
+    # after aa -> 256, (256, a) and (a, b) tie at 2; b"aa" > b"a" wins
+    assert merges == [((97, 97), 256), ((256, 97), 257), ((257, 98), 258)]
+    assert train_bpe_incremental("aaabdaaabac", 256 + 3) == merges
+    assert bpe_encode("aaabdaaabac", merges) == [258, 100, 258, 97, 99]
+    assert bpe_decode([258, 100, 258, 97, 99], merges) == "aaabdaaabac"
+
+
+def test_get_stats_merge_and_split():
+    assert get_stats([1, 2, 1, 2]) == {(1, 2): 2, (2, 1): 1}
+    assert merge([5, 5, 5, 5, 5], (5, 5), 9) == [9, 9, 5]
+    assert split_text("Hello world's 12345", "gpt4") == ["Hello", " world", "'s", " ", "123", "45"]
+
+
+def test_tie_goes_to_greatest_bytes():
+    # ab, bc and cd all occur twice; (c, d) has the greatest left bytes
+    counts = get_stats(list(b"abcdabcd"))
+    assert counts[(97, 98)] == counts[(98, 99)] == counts[(99, 100)] == 2 and counts[(100, 97)] == 1
+    assert train_bpe_naive("abcdabcd", 257) == [((99, 100), 256)]
+    # equal left bytes: the greater right bytes wins
+    assert train_bpe_naive(["ab", "ac"], 257) == [((97, 99), 256)]
+    assert train_bpe_incremental(["ab", "ac"], 257) == [((97, 99), 256)]
+
+
+# --- incremental trainer == naive reference --------------------------------------------------------------------
+
+HAND_PICKED = ["aaabdaaabac", "a" * 37, "ab" * 20, "aaabbbaaabbb ccc aaa", "héllo wörld héllo 日本語 日本 🙂🙂",
+               ["same doc", "same doc", "other doc"], "x", "  \n\n  spaces  \n"]
+
+
+@pytest.mark.parametrize("split_pattern", PATTERNS)
+@pytest.mark.parametrize("text", HAND_PICKED)
+def test_incremental_matches_naive_hand_picked(text, split_pattern):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert train_bpe_incremental(text, 300, split_pattern) == train_bpe_naive(text, 300, split_pattern)
+
+
+@pytest.mark.parametrize("split_pattern", PATTERNS)
+def test_incremental_matches_naive_on_corpus(corpus, split_pattern):
+    assert train_bpe_incremental(corpus, 380, split_pattern) == train_bpe_naive(corpus, 380, split_pattern)
+
+
+@SETTINGS
+@given(docs=small_alphabet_docs, split_pattern=st.sampled_from(PATTERNS), extra=st.integers(0, 40))
+def test_incremental_matches_naive_random(docs, split_pattern, extra):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert train_bpe_incremental(docs, 256 + extra, split_pattern) == \
+            train_bpe_naive(docs, 256 + extra, split_pattern)
+
+
+def test_early_stop_warns():
+    with pytest.warns(UserWarning, match="stopped after 2 of 10 merges"):
+        merges = train_bpe_incremental("abc", 266)
+    assert len(merges) == 2
+    with pytest.warns(UserWarning, match="stopped after 2 of 10 merges"):
+        assert train_bpe_naive("abc", 266) == merges
+
+
+# --- fast encoder == reference encoder -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def corpus_merges(corpus):
+    return train_bpe_incremental(corpus, 400)
+
+
+@SETTINGS
+@given(text=st.one_of(any_text, st.text(alphabet="ae tho\n", max_size=300)))
+def test_fast_encoder_matches_reference(corpus_merges, text):
+    assert encode_chunk(text.encode("utf-8"), dict(corpus_merges)) == bpe_encode(text, corpus_merges)
+
+
+def test_fast_encoder_long_chunks(corpus, corpus_merges, tokenizers):
+    text = "\n".join(corpus)[:4_000]
+    assert encode_chunk(text.encode(), dict(corpus_merges)) == bpe_encode(text, corpus_merges)
+    runs = train_bpe_naive("a" * 64, 262)
+    for n in range(1, 70):
+        assert encode_chunk(b"a" * n, dict(runs)) == bpe_encode("a" * n, runs)
+    bpe = tokenizers["bpe-gpt4"]
+    expected = [t for chunk in split_text(text, "gpt4") for t in bpe_encode(chunk, bpe.merges)]
+    assert bpe.encode(text) == expected
+
+
+# --- one interface, every tokenizer ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+@SETTINGS
+@given(text=any_text)
+def test_round_trip_any_unicode(tokenizers, kind, text):
+    tokenizer = tokenizers[kind]
+    ids = tokenizer.encode(text)
+    assert all(0 <= i < tokenizer.vocab_size for i in ids)
+    assert tokenizer.decode(ids) == text
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@settings(max_examples=30, deadline=None)
+@given(texts=st.lists(any_text, max_size=5))
+def test_encode_batch_matches_encode(tokenizers, kind, texts):
+    tokenizer = tokenizers[kind]
+    assert tokenizer.encode_batch(texts) == [tokenizer.encode(t) for t in texts]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_save_load(tokenizers, corpus, kind, tmp_path):
+    tokenizer = tokenizers[kind]
+    directory = tokenizer.save(tmp_path / "tok")
+    loaded = load_tokenizer(directory)
+    assert type(loaded) is type(tokenizer)
+    assert loaded.fingerprint == tokenizer.fingerprint and len(tokenizer.fingerprint) == 64
+    assert loaded.vocab_size == tokenizer.vocab_size and loaded.special_ids == tokenizer.special_ids
+    for text in corpus + TRICKY:
+        assert loaded.encode(text) == tokenizer.encode(text)
+    assert type(tokenizer).load(directory).fingerprint == tokenizer.fingerprint
+    assert not [p for p in directory.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_fingerprint_tells_tokenizers_apart(tokenizers, corpus):
+    assert len({t.fingerprint for t in tokenizers.values()}) == len(tokenizers)
+    assert SentencePieceTokenizer().train(corpus, 400).fingerprint == tokenizers["sentencepiece"].fingerprint
+    assert BPETokenizer(None).train(corpus, 400).fingerprint == tokenizers["bpe-none"].fingerprint
+
+
+def test_special_ids(tokenizers):
+    assert tokenizers["sentencepiece"].special_ids == {"pad": 0, "unk": 1, "bos": 2, "eos": 3}
+    assert tokenizers["sentencepiece"].eos_id == 3
+    for kind in ["char", "bpe-none", "bpe-gpt4"]:
+        tokenizer = tokenizers[kind]
+        assert tokenizer.special_ids == {"eos": tokenizer.vocab_size - 1} and tokenizer.eos_id == tokenizer.vocab_size - 1
+        assert tokenizer.decode([tokenizer.eos_id]) == EOS_TOKEN
+        assert tokenizer.eos_id not in tokenizer.encode(EOS_TOKEN), "text never turns into a special id"
+    bpe = tokenizers["bpe-gpt4"]
+    assert bpe.vocab_size == 400 and len(bpe.merges) == 400 - 257
+    assert [new_id for _, new_id in bpe.merges] == list(range(256, 399))
+
+
+def test_sentencepiece_never_unknown(tokenizers):
+    sp = tokenizers["sentencepiece"]
+    assert sp.vocab_size == 400
+    assert 1 not in sp.encode("日本語 🙂 \u2581 naïve \x00 \U0010ffff")
+
+
+def test_char_layout_and_cap(corpus):
+    full = CharTokenizer().train(corpus)
+    capped = CharTokenizer().train(corpus, vocab_size=257 + 10)
+    assert capped.vocab_size == 267 and len(capped.chars) == 10 and " " in capped.chars
+    assert full.encode("a") == [full.chars.index("a")]
+    first_byte = len(full.chars)
+    assert full.encode("\u2603") == [first_byte + b for b in "\u2603".encode()]
+
+
+def test_train_tokenizer_saves(tmp_path, corpus):
+    tokenizer = train_tokenizer("bpe", corpus, 300, tmp_path / "out", split_pattern="gpt2")
+    assert load_tokenizer(tmp_path / "out").fingerprint == tokenizer.fingerprint
+    assert make_tokenizer("sentencepiece").kind == "sentencepiece"
+
+
+# --- bad input ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["char", "bpe", "sentencepiece"])
+@pytest.mark.parametrize("texts", ["", [], ["", ""]])
+def test_empty_text_is_a_course_error(kind, texts):
+    with pytest.raises(CourseError, match="no text to train on"):
+        make_tokenizer(kind).train(texts, 1000)
+
+
+@pytest.mark.parametrize("kind,vocab_size", [("bpe", 256), ("bpe", 0), ("char", 100), ("sentencepiece", 100)])
+def test_impossible_vocab_size(kind, vocab_size, corpus):
+    with pytest.raises(CourseError, match="vocab_size"):
+        make_tokenizer(kind).train(corpus, vocab_size)
+    with pytest.raises(CourseError, match="at least 256"):
+        train_bpe_naive("abc", 255)
+
+
+def test_sentencepiece_vocab_too_large_names_the_maximum(corpus):
+    with pytest.raises(CourseError, match=r"at most \d+ pieces.*--vocab-size \d+ or less"):
+        SentencePieceTokenizer().train(corpus[0][:2_000], 50_000)
+
+
+def test_errors_name_the_fix(tmp_path, tokenizers):
+    with pytest.raises(CourseError, match="openllm-edu tokenizer train"):
+        load_tokenizer(tmp_path / "nothing")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "tokenizer.json").write_text("{not json")
+    with pytest.raises(CourseError, match="not hold a valid tokenizer"):
+        load_tokenizer(tmp_path / "broken")
+    with pytest.raises(CourseError, match="unknown tokenizer kind"):
+        make_tokenizer("wordpiece")
+    with pytest.raises(CourseError, match="not a valid regular expression"):
+        BPETokenizer("(unclosed")
+    with pytest.raises(CourseError, match="call .train"):
+        BPETokenizer().encode("x")
+    with pytest.raises(CourseError, match="outside this tokenizer's vocabulary"):
+        tokenizers["bpe-gpt4"].decode([10_000])
+
+
+def test_benchmark_functions_run(corpus):
+    row = bench_bpe_training(vocab_size=280, split_pattern="gpt4", documents=corpus[:2])
+    assert row.same_merges and row.speedup > 0
+    timing = time_tokenizer_training("bpe", 300, documents=corpus, split_pattern=None)
+    assert timing.vocab_size == 300 and timing.bytes_per_token > 1
+    assert "same merges" in format_tokenizer_bench([row, timing])
