@@ -491,7 +491,7 @@ def load_corpus(spec: str | Path | Sequence[str | Path] = "shakespeare", max_byt
         non_utf8 = sum(1 for path in files if path.suffix.lower() != ".parquet" and not is_utf8_file(path))
         source = ", ".join(map(str, spec)) if len(spec) <= 3 else f"{spec[0]} and {len(spec) - 1} more"
     docs, report = clean_documents(raw, source=source, files=len(files), non_utf8_files=non_utf8)
-    if max_bytes:
+    if max_bytes and report.bytes > max_bytes:
         docs = take_bytes(docs, max_bytes)
         report = CorpusReport(**{**report.to_dict(), **_kept_stats(docs), "max_bytes": max_bytes})
     return docs, report
@@ -692,6 +692,9 @@ class PreparedData:
             lines.append(f"{name + ':':<11} {split['documents']:,} documents, {split['tokens']:,} tokens "
                          f"({per_token:.2f} bytes/token) -> {split['file']}")
         lines.append("time:       " + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items()))
+        if self.val_fraction > 0 and not self.splits["val"]["documents"]:
+            lines.append("warning:    no validation documents. The split is by document, so give several files "
+                         "(or a .jsonl with one document per line) to get a validation set.")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:

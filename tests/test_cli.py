@@ -137,3 +137,12 @@ def test_main_job_on_the_ci_profile(tmp_path):
 def test_release_check_is_clean():
     done = openllm_edu("instructor", "release", "--check")
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_single_document_corpus_warns_that_validation_is_empty(tmp_path, text_file):
+    assert openllm_edu("tokenizer", "train", "--kind", "bpe", "--vocab-size", 300, "--input", text_file,
+                       "--out", tmp_path / "tok").returncode == 0
+    done = openllm_edu("data", "prepare", "--corpus", text_file, "--tokenizer", tmp_path / "tok",
+                       "--out", tmp_path / "data", "--val-fraction", 0.01)
+    assert done.returncode == 0, done.stderr
+    assert "val:        0 documents" in done.stdout and "warning:    no validation documents" in done.stdout

@@ -435,8 +435,7 @@ REAL_ASSIGNMENTS = sorted({"01_data", "02_tokenizer"} | {p.stem for p in (REPO /
 @pytest.mark.parametrize("stem", REAL_ASSIGNMENTS)
 def test_real_solutions_score_full_and_exercises_zero(stem, tmp_path):
     solution_path = REPO / "solutions" / f"{stem}.ipynb"
-    if not solution_path.exists():
-        pytest.skip(f"solutions/{stem}.ipynb does not exist yet")
+    assert solution_path.exists(), f"solutions/{stem}.ipynb is missing"
     settings = load_settings(REPO / "settings.ini")
     solutions = tmp_path / "solutions"  # a copy: the repository's files stay untouched whatever happens
     shutil.copytree(REPO / "solutions", solutions)
@@ -447,3 +446,20 @@ def test_real_solutions_score_full_and_exercises_zero(stem, tmp_path):
     assert not full.cell_errors, str(full)
     empty = grade(exercise, solutions_dir=solutions, settings=settings)
     assert empty.total == 0 and not empty.problem, str(empty)
+
+
+@pytest.mark.parametrize("stem", REAL_ASSIGNMENTS)
+def test_real_half_done_submission_scores_in_between(stem, tmp_path):
+    "The last exercise left as released (later ones can build on earlier ones): only its points are lost."
+    settings = load_settings(REPO / "settings.ini")
+    solved = nbformat.read(REPO / "solutions" / f"{stem}.ipynb", as_version=4)
+    released = nbformat.reads(grading.render_exercise(REPO / "solutions" / f"{stem}.ipynb", settings).decode(),
+                              as_version=4)
+    last = max(i for i, c in enumerate(solved.cells) if grading._nbgrader(c).get("solution"))
+    solved.cells[last] = released.cells[last]
+    submission = tmp_path / f"{stem}.ipynb"
+    nbformat.write(solved, submission)
+    report = grade(submission, solutions_dir=REPO / "solutions", settings=settings)
+    lost = {item.grade_id for item in report.items if not item.passed}
+    assert 0 < report.total < report.max_total, str(report)
+    assert len(lost) == 1 and report.max_total - report.total == settings.exercise_points[stem][lost.pop()]
