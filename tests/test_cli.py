@@ -146,3 +146,10 @@ def test_a_single_document_corpus_warns_that_validation_is_empty(tmp_path, text_
                        "--out", tmp_path / "data", "--val-fraction", 0.01)
     assert done.returncode == 0, done.stderr
     assert "val:        0 documents" in done.stdout and "warning:    no validation documents" in done.stdout
+
+
+def test_output_folder_that_is_a_file(tmp_path, text_file):
+    done = openllm_edu("tokenizer", "train", "--kind", "bpe", "--vocab-size", 300, "--input", text_file,
+                       "--out", text_file)
+    assert_clean_error(done, str(text_file))
+    assert text_file.read_text() == SAMPLE * 40, "the file in the way must be left as it was"
