@@ -153,3 +153,36 @@ def test_output_folder_that_is_a_file(tmp_path, text_file):
                        "--out", text_file)
     assert_clean_error(done, str(text_file))
     assert text_file.read_text() == SAMPLE * 40, "the file in the way must be left as it was"
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    "A tiny untrained GPT with a byte-level BPE tokenizer, saved as `openllm-edu generate` expects."
+    import torch
+
+    from openllm_edu.model import GPT, GPTConfig, save_pretrained
+    from openllm_edu.tokenizer import BPETokenizer
+
+    tokenizer = BPETokenizer().train(SAMPLE * 20, 300)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("tiny", vocab_size=tokenizer.vocab_size, block_size=32))
+    directory = tmp_path_factory.mktemp("model")
+    save_pretrained(model, directory, tokenizer)
+    return directory
+
+
+def test_generate_is_reproducible_with_a_seed(saved_model):
+    runs = [openllm_edu("generate", "--checkpoint", saved_model, "--prompt", "Now is the", "--max-new-tokens", 20,
+                        "--top-k", 50, "--seed", 7) for _ in range(2)]
+    assert all(run.returncode == 0 for run in runs), runs[0].stderr
+    assert runs[0].stdout == runs[1].stdout and runs[0].stdout.startswith("Now is the")
+    greedy = openllm_edu("generate", "--checkpoint", saved_model, "--prompt", "Now is the", "--max-new-tokens", 20,
+                         "--temperature", 0)
+    assert greedy.returncode == 0 and greedy.stdout.startswith("Now is the"), greedy.stderr
+
+
+def test_generate_bad_input(saved_model, tmp_path):
+    assert_clean_error(openllm_edu("generate", "--checkpoint", saved_model, "--prompt", "x", "--top-p", 1.5),
+                       "top_p")
+    assert_clean_error(openllm_edu("generate", "--checkpoint", saved_model, "--prompt", SAMPLE * 5), "block_size")
+    assert_clean_error(openllm_edu("generate", "--checkpoint", tmp_path / "nothing", "--prompt", "x"), "nothing")

@@ -1,0 +1,128 @@
+"""openllm_edu.bench: the arithmetic of FLOPs, MFU and the table is checked against hand-computed values, and
+every benchmark runs end to end on the tiny model. No speed is asserted here: speed targets are measured with
+`openllm-edu bench model`, never in tests."""
+import platform
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from openllm_edu.bench import (
+    PRECISIONS, Timing, bench_config, bench_generation, bench_model, bench_train_step, format_model_bench,
+    kv_cache_speedup, matmul_flops, measure_matmul_peak, model_flops_utilization, precision_dtype,
+    time_calls, time_matmul,
+)
+from openllm_edu.core import CourseError
+from openllm_edu.model import GPTConfig, flops_per_token
+
+
+def test_matmul_flops_counts_a_multiply_and_an_add_per_term():
+    assert matmul_flops(1, 1, 1) == 2
+    assert matmul_flops(2, 3, 4) == 48
+    assert matmul_flops(1024, 512, 32000) == 2 * 1024 * 512 * 32000
+
+
+def test_mfu_by_hand():
+    # small at T=256: 221,233,152 FLOPs per token; 600 tokens/s on a 200 GFLOP/s peak
+    assert flops_per_token(GPTConfig.preset("small"), 256) == 221_233_152
+    assert model_flops_utilization(221_233_152, 600, 200.0) == pytest.approx(0.663699456, abs=1e-12)
+    assert model_flops_utilization(1e9, 100, 100.0) == pytest.approx(1.0)
+
+
+def test_timing_rates_use_the_best_repeat():
+    t = Timing("step", "fp32", [4.0, 2.0, 3.0], flops=1e12, tokens=1000, peak_gflops=1000.0)
+    assert (t.best, t.median, t.spread) == (2.0, 3.0, 1.0)
+    assert t.gflops == 500.0 and t.tokens_per_s == 500.0 and t.mfu == 0.5
+    assert t.mfu == pytest.approx(model_flops_utilization(1e12 / 1000, t.tokens_per_s, 1000.0))
+    assert Timing("matmul", "fp32", [1.0], flops=1e9).mfu is None  # no peak given
+    assert Timing("generate", "fp32", [1.0], tokens=10, peak_gflops=100.0).mfu is None  # no FLOPs counted
+
+
+def test_time_calls_leaves_out_the_warmup():
+    calls = []
+    seconds = time_calls(lambda: calls.append(None), repeats=3, warmup=2)
+    assert len(calls) == 5 and len(seconds) == 3 and all(s >= 0 for s in seconds)
+    with pytest.raises(CourseError, match="repeats"):
+        time_calls(lambda: None, repeats=0)
+
+
+def test_format_model_bench_by_hand():
+    rows = [
+        Timing("matmul 1024x1024", "fp32", [0.01, 0.0125], flops=2e9),
+        Timing("train small 8x256", "bf16", [1.0, 1.1, 1.5], flops=600e9, tokens=2048, peak_gflops=800.0,
+               first_seconds=2.5),
+        Timing("generate small 256 (no cache)", "fp32", [10.0, 12.0], tokens=256, first_seconds=1.0),
+        Timing("generate small 256 (KV cache)", "fp32", [1.6, 2.0], tokens=256, first_seconds=0.2),
+    ]
+    lines = format_model_bench(rows).splitlines()
+    assert "threads" in lines[0]
+    assert lines[1].split() == ["what", "precision", "first", "s", "best", "s", "median", "s", "spread",
+                                "tokens/s", "GFLOP/s", "MFU"]
+    assert lines[2].split() == ["matmul", "1024x1024", "fp32", "0.010", "0.011", "25%", "200.0"]
+    assert lines[3].split() == ["train", "small", "8x256", "bf16", "2.50", "1.000", "1.100", "50%", "2,048",
+                                "600.0", "75.0%"]
+    assert lines[4].split()[-2:] == ["20%", "26"]  # 256 tokens in 10 s
+    assert lines[5].split()[-2:] == ["25%", "160"]
+    assert kv_cache_speedup(rows) == pytest.approx(6.25)
+    assert lines[-1] == "KV cache: generation 6.2x faster"
+    assert kv_cache_speedup(rows[:3]) is None and "KV cache:" not in format_model_bench(rows[:2])
+
+
+def test_precisions_and_their_dtypes():
+    assert PRECISIONS == ("fp32", "bf16", "bf16-compile")
+    assert [precision_dtype(p) for p in PRECISIONS] == [torch.float32, torch.bfloat16, torch.bfloat16]
+    with pytest.raises(CourseError, match="precision='fp16'"):
+        bench_train_step("tiny", 16, 1, precision="fp16", steps=1)
+    with pytest.raises(CourseError, match="precision='int8'"):
+        bench_model("tiny", precisions=("int8",))
+
+
+def test_bench_config_grows_the_context_only_when_needed():
+    assert bench_config("small", 256) == GPTConfig.preset("small")
+    assert bench_config("tiny", 300).block_size == 300
+    with pytest.raises(CourseError, match="preset"):
+        bench_config("enormous", 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matmul_peak_runs(dtype):
+    timing = time_matmul(dtype, 64, repeats=2, warmup=1)
+    assert timing.flops == 2 * 64**3 and len(timing.seconds) == 2 and timing.gflops > 0
+    assert measure_matmul_peak(dtype, sizes=(32, 64), repeats=2, warmup=1) > 0
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_train_step_on_tiny(precision):
+    t = bench_train_step("tiny", block_size=32, batch_size=2, precision=precision, steps=2, warmup=1,
+                         peak_gflops=50.0)
+    assert t.tokens == 64 and len(t.seconds) == 2 and t.first_seconds > 0
+    assert t.flops == flops_per_token(GPTConfig.preset("tiny"), 32) * 64
+    assert t.mfu == pytest.approx(t.gflops / 50.0)
+
+
+def test_generation_on_tiny_with_and_without_cache():
+    rows = [bench_generation("tiny", new_tokens=6, use_cache=use_cache, prompt_tokens=4, repeats=1)
+            for use_cache in (False, True)]
+    assert [r.tokens for r in rows] == [6, 6] and all(r.tokens_per_s > 0 for r in rows)
+    assert "no cache" in rows[0].what and "KV cache" in rows[1].what
+    assert kv_cache_speedup(rows) > 0
+
+
+def test_bench_model_on_tiny():
+    rows = bench_model("tiny", block_size=32, batch_size=2, precisions=("fp32", "bf16"), steps=1, warmup=1,
+                       new_tokens=4, generation_repeats=1, matmul_sizes=(32, 64), reuse_memory=False)
+    assert [r.precision for r in rows] == ["fp32", "bf16", "fp32", "bf16", "fp32", "fp32"]
+    assert rows[2].peak_gflops == rows[0].gflops and rows[3].peak_gflops == rows[1].gflops
+    table = format_model_bench(rows)
+    assert len(table.splitlines()) == 2 + len(rows) + 1 and "MFU" in table
+    assert len(bench_model("tiny", 32, 2, precisions=(), new_tokens=0, matmul_sizes=(32,),
+                           reuse_memory=False)) == 2
+
+
+def test_reuse_freed_memory_in_a_fresh_process():
+    # it changes malloc for the rest of the process, so it runs in its own interpreter
+    code = "from openllm_edu.bench import reuse_freed_memory; print(reuse_freed_memory())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    on_glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert out == str(on_glibc)
