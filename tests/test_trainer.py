@@ -1,0 +1,289 @@
+"""The trainer of chapter 07: schedules, optimizers, accumulation, checkpoints and exact resume."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+
+from openllm_edu.core import CourseError
+from openllm_edu.data import prepare_data, shakespeare_documents
+from openllm_edu.model import GPT, GPTConfig
+from openllm_edu.tokenizer import make_tokenizer
+from openllm_edu.trainer import (Checkpointer, Lion, NonFiniteLossError, OptimizerConfig, ScheduleConfig, TrainConfig,
+                                 Trainer, accumulate_gradients, clip_gradients, constant, decay_groups, linear_decay,
+                                 make_optimizer, read_metrics, resolve_precision, warmup_cosine, warmup_stable_decay)
+
+SMALL_MODEL = dict(n_layer=2, n_head=2, n_embd=32)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("trainer-data")
+    tokenizer = make_tokenizer("char").train(shakespeare_documents(max_bytes=60_000))
+    prepare_data("shakespeare", tokenizer, folder / "data", val_fraction=0.2, max_bytes=60_000)
+    return folder / "data"
+
+
+def make_config(data_dir, out_dir, **overrides) -> TrainConfig:
+    values = dict(data_dir=str(data_dir), out_dir=str(out_dir), model="tiny", model_overrides=SMALL_MODEL,
+                  block_size=32, batch_size=4, max_steps=12, lr=3e-3, warmup_steps=2, eval_every=4,
+                  eval_tokens=512, precision="fp32", progress=False, tensorboard=False, seed=3, log_every=1)
+    return TrainConfig(**{**values, **overrides})
+
+
+# --- schedules -------------------------------------------------------------------------------------------
+
+def test_warmup_cosine_known_points():
+    assert warmup_cosine(0, 1.0, 0.0, 4, 104) == 0.25
+    assert warmup_cosine(3, 1.0, 0.0, 4, 104) == 1.0
+    assert math.isclose(warmup_cosine(54, 1.0, 0.0, 4, 104), 0.5)
+    assert warmup_cosine(104, 1.0, 0.1, 4, 104) == 0.1 == warmup_cosine(10**6, 1.0, 0.1, 4, 104)
+
+
+@pytest.mark.parametrize("schedule", [warmup_cosine, linear_decay, warmup_stable_decay])
+def test_decaying_schedules_fall_from_max_to_min(schedule):
+    lrs = [schedule(s, 2.0, 0.5, 10, 100) for s in range(120)]
+    assert lrs[9] == 2.0 and lrs[100] == 0.5
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert all(0.5 <= lr <= 2.0 for lr in lrs[9:])
+
+
+def test_constant_and_wsd():
+    assert [constant(s, 1.0, 0.0, 2, 10) for s in (0, 1, 5, 50)] == [0.5, 1.0, 1.0, 1.0]
+    assert warmup_stable_decay(79, 1.0, 0.0, 10, 100, 0.2) == 1.0
+    assert warmup_stable_decay(90, 1.0, 0.0, 10, 100, 0.2) == 0.5
+
+
+def test_schedule_config_validates():
+    with pytest.raises(CourseError, match="unknown schedule"):
+        ScheduleConfig("exponential")
+    with pytest.raises(CourseError, match="warmup_steps"):
+        ScheduleConfig("cosine", warmup_steps=10, total_steps=5)
+
+
+# --- optimizers ------------------------------------------------------------------------------------------
+
+def test_decay_groups_rule():
+    model = GPT(GPTConfig.preset("tiny", vocab_size=64, block_size=16, **SMALL_MODEL))
+    decay, no_decay = decay_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert all(p.dim() >= 2 for p in decay["params"]) and "wte.weight" not in decayed and "wpe.weight" not in decayed
+    assert {names[id(p)] for p in no_decay["params"]} >= {"wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"}
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+
+
+def test_adamw_is_fused_on_cpu():
+    model = nn.Linear(4, 4)
+    optimizer = make_optimizer(model, OptimizerConfig("adamw"), lr=1e-3)
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"]
+
+
+def test_lion_one_step_by_hand():
+    p = nn.Parameter(torch.tensor([1.0, -2.0, 0.5, 3.0]))
+    lion = Lion([p], lr=0.1, betas=(0.9, 0.99), weight_decay=0.5)
+    p.grad = torch.tensor([0.3, -0.1, 0.0, -4.0])
+    lion.state[p]["exp_avg"] = torch.tensor([-1.0, 0.0, 0.2, 1.0])
+    lion.step()
+    # blend 0.9 m + 0.1 g = [-0.87, -0.01, 0.18, 0.5] -> sign [-1, -1, 1, 1]; p * (1 - 0.1 * 0.5) - 0.1 * sign
+    assert torch.allclose(p.data, torch.tensor([1.05, -1.8, 0.375, 2.75]))
+    assert torch.allclose(lion.state[p]["exp_avg"], torch.tensor([-0.987, -0.001, 0.198, 0.95]))
+
+
+def test_lion_first_step_moves_every_weight_by_lr():
+    p = nn.Parameter(torch.randn(10))
+    before = p.detach().clone()
+    p.grad = torch.randn(10)
+    Lion([p], lr=0.01).step()
+    assert torch.allclose((p.detach() - before).abs(), torch.full((10,), 0.01))
+
+
+# --- precision, accumulation, clipping ------------------------------------------------------------------
+
+def test_precision_rules():
+    assert resolve_precision("fp32", "cpu") == "fp32"
+    assert resolve_precision("auto", "cpu") in ("fp32", "bf16")
+    with pytest.raises(CourseError, match="CUDA"):
+        resolve_precision("fp16", "cpu")
+    with pytest.raises(CourseError, match="precision"):
+        resolve_precision("int8", "cpu")
+    with pytest.raises(CourseError, match="precision"):
+        TrainConfig(precision="fp8")
+
+
+def test_four_micro_batches_of_two_equal_one_batch_of_eight():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("tiny", vocab_size=64, block_size=16, **SMALL_MODEL))
+    x, y = torch.randint(0, 64, (8, 16)), torch.randint(0, 64, (8, 16))
+    loss_big = accumulate_gradients(model, [(x, y)])
+    big = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    loss_micro = accumulate_gradients(model, list(zip(x.split(2), y.split(2))))
+    for a, b in zip(big, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(loss_big, loss_micro)
+
+
+def test_clipping_unscales_first():
+    model = nn.Linear(3, 1, bias=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(model(torch.ones(1, 3)).sum()).backward()  # true gradient [1, 1, 1], norm sqrt(3)
+    norm = clip_gradients(model, optimizer, max_norm=1.0, scaler=scaler)
+    assert math.isclose(float(norm), math.sqrt(3), rel_tol=1e-5)
+    assert math.isclose(model.weight.grad.norm().item(), 1.0, rel_tol=1e-5)
+
+
+# --- config ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["run.json", "run.yaml"])
+def test_config_round_trip(tmp_path, name):
+    if name.endswith(".yaml"):
+        pytest.importorskip("yaml")
+    config = TrainConfig(max_steps=7, lr=2e-3, model_overrides={"n_layer": 2}, betas=(0.8, 0.9))
+    assert TrainConfig.load(config.save(tmp_path / name)) == config
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(CourseError, match="learning_rate"):
+        TrainConfig.from_dict({"learning_rate": 1.0})
+    with pytest.raises(CourseError, match="not found"):
+        TrainConfig.load(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(CourseError, match="could not be parsed"):
+        TrainConfig.load(tmp_path / "bad.json")
+
+
+# --- training, evaluation, checkpoints -------------------------------------------------------------------
+
+def test_fit_logs_evaluates_and_keeps_last_and_best(data_dir, tmp_path):
+    summary = Trainer(make_config(data_dir, tmp_path / "run", keep_last=2)).fit()
+    assert summary["step"] == 12 and not summary["stopped_early"]
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    val = [r for r in rows if "val/loss" in r]
+    assert [r["step"] for r in val] == [4, 8, 12]
+    assert all(r["val/bits_per_byte"] > 0 and math.isclose(r["val/perplexity"], math.exp(r["val/loss"])) for r in val)
+    assert len([r for r in rows if "train/loss" in r]) == 12
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert names == ["best.pt", "step_00000008.pt", "step_00000012.pt"]
+    best = Checkpointer.load(tmp_path / "run" / "checkpoints" / "best.pt")
+    assert best["best_val_loss"] == min(r["val/loss"] for r in val)
+
+
+def test_early_stopping_on_validation_loss(data_dir, tmp_path):
+    # lr 0 never improves the model: the first evaluation is the best, then `patience` more end the run
+    summary = Trainer(make_config(data_dir, tmp_path / "run", lr=0.0, min_lr=0.0, eval_every=2, patience=2,
+                                  max_steps=50)).fit()
+    assert summary["stopped_early"] and summary["step"] == 6
+    assert Checkpointer.load(tmp_path / "run" / "checkpoints" / "best.pt")["step"] == 2
+
+
+def test_non_finite_loss_stops_with_the_step(data_dir, tmp_path):
+    trainer = Trainer(make_config(data_dir, tmp_path / "run"))
+    with torch.no_grad():
+        trainer.model.lm_head.weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteLossError, match="at step 0"):
+        trainer.fit()
+    assert trainer.checkpointer.latest() is None
+
+
+CHILD = textwrap.dedent("""
+    import os, signal, sys, torch
+    from openllm_edu.trainer import Trainer, TrainConfig
+    config_path, kill_at, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    torch.set_num_threads(threads)
+    def kill(trainer):
+        if trainer.step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    Trainer(TrainConfig.load(config_path), callbacks=[kill]).fit()
+""")
+
+
+def test_resume_after_sigkill_is_exact(data_dir, tmp_path):
+    config = make_config(data_dir, tmp_path / "killed", model_overrides={**SMALL_MODEL, "dropout": 0.1})
+    straight = Trainer(config.replace(out_dir=str(tmp_path / "straight")))
+    straight.fit()
+
+    config.save(tmp_path / "config.json")
+    (tmp_path / "child.py").write_text(CHILD)
+    done = subprocess.run([sys.executable, str(tmp_path / "child.py"), str(tmp_path / "config.json"), "8",
+                           str(torch.get_num_threads())], capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert Checkpointer.find(tmp_path / "killed").name == "step_00000008.pt"
+
+    resumed = Trainer.resume(tmp_path / "killed")
+    assert resumed.step == 8
+    resumed.fit()
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    rows = read_metrics(tmp_path / "killed" / "metrics.jsonl")
+    assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, 13))
+
+
+def test_missing_and_corrupt_checkpoints(tmp_path):
+    with pytest.raises(CourseError, match="not found"):
+        Checkpointer.load(tmp_path / "nothing.pt")
+    with pytest.raises(CourseError, match="no checkpoint"):
+        Checkpointer.load(tmp_path)
+    (tmp_path / "step_00000001.pt").write_bytes(b"half a checkpoint")
+    with pytest.raises(CourseError, match="damaged"):
+        Checkpointer.load(tmp_path)
+
+
+def test_resume_refuses_other_model_or_tokenizer_and_overwrites_nothing(data_dir, tmp_path):
+    Trainer(make_config(data_dir, tmp_path / "run", max_steps=4)).fit()
+    checkpoint = Checkpointer.find(tmp_path / "run")
+    before = checkpoint.read_bytes()
+    state = Checkpointer.load(checkpoint)
+
+    bigger = Trainer(make_config(data_dir, tmp_path / "run", model_overrides={**SMALL_MODEL, "n_embd": 64}))
+    with pytest.raises(CourseError, match="n_embd"):
+        bigger.load_state_dict(state)
+    with pytest.raises(CourseError, match="already holds checkpoints"):
+        bigger.fit()
+
+    other = Trainer(make_config(data_dir, tmp_path / "run"))
+    other.data.tokenizer_fingerprint = "another tokenizer"
+    with pytest.raises(CourseError, match="different tokenizer"):
+        other.load_state_dict(state)
+    assert checkpoint.read_bytes() == before
+    assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["best.pt", "step_00000004.pt"]
+
+
+def test_missing_data_is_a_course_error(tmp_path):
+    with pytest.raises(CourseError, match="prepare"):
+        Trainer(TrainConfig(data_dir=str(tmp_path), out_dir=str(tmp_path / "run")))
+
+
+def test_empty_validation_split_is_refused_unless_evaluation_is_off(data_dir, tmp_path):
+    trainer = Trainer(make_config(data_dir, tmp_path / "run", eval_every=0))
+    trainer.data.val = trainer.data.val[:1]
+    with pytest.raises(CourseError, match="validation split"):
+        Trainer(make_config(data_dir, tmp_path / "run"), data=trainer.data)
+
+
+def test_wandb_only_when_installed(data_dir, tmp_path):
+    try:
+        import wandb  # noqa: F401
+        pytest.skip("wandb is installed")
+    except ImportError:
+        pass
+    with pytest.raises(CourseError, match="pip install wandb"):
+        Trainer(make_config(data_dir, tmp_path / "run", wandb=True)).fit()
+    assert Trainer(make_config(data_dir, tmp_path / "run")).checkpointer.latest() is None
+
+
+def test_save_pretrained_round_trip(data_dir, tmp_path):
+    from openllm_edu.model import load_pretrained
+    trainer = Trainer(make_config(data_dir, tmp_path / "run", max_steps=2, eval_every=0))
+    trainer.fit()
+    model, _ = load_pretrained(trainer.save_pretrained(tmp_path / "model"))
+    for a, b in zip(model.state_dict().values(), trainer.model.state_dict().values()):
+        assert torch.equal(a, b)
