@@ -228,18 +228,7 @@ def largest_preset_that_fits(budget_bytes: int, batch_size: int = 1, seq_len: in
     return max(fitting, key=lambda name: estimate_num_params(GPTConfig.preset(name)), default=None)
 
 # %% ../nbs/08_memory.ipynb #fa117434
-@contextmanager
-def _quiet_stderr():
-    # the profiler's C++ layer writes start/stop lines straight to file descriptor 2
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(os.devnull, "w") as devnull:
-        os.dup2(devnull.fileno(), 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+from .attention import _quiet_stderr  # chapter 04 silences the profiler the same way
 
 
 def cpu_memory_trace(fn: Callable):
