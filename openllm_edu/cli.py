@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
-from .core import CourseError, environment_report, get_profile, load_settings
+from .core import CourseError, atomic_write_text, environment_report, get_profile, load_settings
 
 # %% auto #0
-__all__ = ['HANDLERS', 'build_parser', 'cmd_doctor', 'cmd_tokenizer_train', 'cmd_data_prepare', 'cmd_bench_tokenizer',
-           'cmd_bench_model', 'cmd_generate', 'cmd_instructor_release', 'cmd_grade', 'run_main_job', 'cmd_run', 'main']
+__all__ = ['PROFILE_TRAINING', 'CHAR_BASELINE', 'SAMPLE_PROMPTS', 'HANDLERS', 'build_parser', 'cmd_doctor', 'cmd_tokenizer_train',
+           'cmd_data_prepare', 'cmd_bench_tokenizer', 'cmd_bench_model', 'cmd_bench_train', 'cmd_generate',
+           'cmd_instructor_release', 'cmd_grade', 'Recipe', 'main_job_recipe', 'prepare_main_data', 'run_main_job',
+           'write_samples', 'best_evaluation', 'finish_run', 'train_main_job', 'cmd_train', 'cmd_run', 'main']
 
 # %% ../nbs/95_cli.ipynb #2a6ba9f3
 def _add_corpus(parser: argparse.ArgumentParser, flag: str, help_verb: str) -> None:
@@ -32,7 +36,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("doctor", help="check Python, packages, device and memory")
 
-    run = commands.add_parser("run", help="the main job on the default corpus, sized by the profile")
+    train = commands.add_parser("train", help="the main job: train a GPT on the default corpus (or --config's data)")
+    train.add_argument("--preset", help="char-baseline, or a model preset (tiny, small, ...); default: the profile's run")
+    train.add_argument("--max-steps", type=int, help="optimizer steps (default: the preset's)")
+    train.add_argument("--out", help="run folder (default: runs/<preset or profile>)")
+    train.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (run folder or checkpoint)")
+    train.add_argument("--precision", help="auto, fp32, bf16 or fp16 (fp16 needs CUDA)")
+    train.add_argument("--config", metavar="FILE", help="JSON or YAML file of TrainConfig fields")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--compile", action="store_true", help="torch.compile the model")
+    train.add_argument("--memory-budget-mb", type=float, help="halve the micro-batch while the estimated peak is above this")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    run = commands.add_parser("run", help="only the data of the main job: tokenizer and token files")
     run.add_argument("--out", default="runs/main", help="output folder (default: runs/main)")
 
     data = commands.add_parser("data", help="corpus preparation").add_subparsers(dest="action", required=True)
@@ -63,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench_model.add_argument("--block", type=int, default=256, help="sequence length (default: 256)")
     bench_model.add_argument("--batch", type=int, default=8, help="batch size (default: 8)")
     bench_model.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurement")
+
+    bench_train = bench.add_parser("train", help="tokens/s and MFU of the Trainer's full step against the bare step")
+    bench_train.add_argument("--preset", default="small", help="GPTConfig preset (default: small)")
+    bench_train.add_argument("--block", type=int, default=256, help="sequence length (default: 256)")
+    bench_train.add_argument("--batch", type=int, default=8, help="batch size (default: 8)")
+    bench_train.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurement")
 
     generate = commands.add_parser("generate", help="generate text from a saved model")
     generate.add_argument("--checkpoint", required=True, help="folder written by save_pretrained")
@@ -155,6 +177,15 @@ def cmd_bench_model(args) -> int:
     return 0
 
 
+def cmd_bench_train(args) -> int:
+    from openllm_edu.bench import PRECISIONS, bench_train, format_train_bench
+
+    precisions = [p for p in PRECISIONS if not (args.no_compile and "compile" in p)]
+    print(format_train_bench(bench_train(preset=args.preset, block_size=args.block, batch_size=args.batch,
+                                         precisions=precisions)))
+    return 0
+
+
 def cmd_generate(args) -> int:
     from openllm_edu.generate import GenerationConfig, stream_text
     from openllm_edu.model import load_pretrained
@@ -198,30 +229,194 @@ def cmd_grade(args) -> int:
     return 0
 
 # %% ../nbs/95_cli.ipynb #e5c2b778
-def run_main_job(profile_name: str | None = None, out_dir: str | Path = "runs/main") -> dict:
-    "Corpus -> tokenizer -> token files for the profile's sizes; returns the report it prints."
+@dataclass
+class Recipe:
+    "What a main-job run trains: the tokenizer to build, and the TrainConfig values of the run."
+    tokenizer: str  # "char" | "bpe" | "sentencepiece"
+    vocab_size: int | None
+    train: dict
+
+
+# The schedule of the default run of each profile. The profile (settings.ini) gives the tokenizer, the block
+# and batch sizes and the model preset; "laptop" widens the tiny preset, which its time budget can afford.
+PROFILE_TRAINING = {
+    "ci": dict(max_steps=30, lr=3e-3, min_lr=3e-4, warmup_steps=5, eval_every=10, eval_tokens=8_192),
+    "laptop": dict(max_steps=800, lr=2e-3, min_lr=2e-4, warmup_steps=50, eval_every=100, betas=(0.9, 0.99),
+                   model_overrides=dict(n_layer=4, n_head=4, n_embd=256, bias=False)),
+    "gpu": dict(max_steps=5_000, lr=6e-4, min_lr=6e-5, warmup_steps=200, eval_every=250),
+}
+
+# nanoGPT's published CPU recipe for Shakespeare characters (4 layers, 4 heads, 128 wide, context 64, batch 12,
+# lr 1e-3, 2,000 iterations, dropout 0, fp32 on CPU) on this course's GPT: the bar the default run must clear.
+CHAR_BASELINE = Recipe("char", None, dict(
+    model="tiny", model_overrides=dict(n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False),
+    block_size=64, batch_size=12, max_steps=2_000, lr=1e-3, min_lr=1e-4, warmup_steps=100, betas=(0.9, 0.99),
+    weight_decay=0.1, grad_clip=1.0, eval_every=250, precision="fp32"))
+
+
+def main_job_recipe(preset: str | None, profile) -> Recipe:
+    """The run `openllm-edu train --preset NAME` means: None is the profile's default run, "char-baseline" the
+    baseline above, and a model preset (tiny, small, ...) that model on the profile's data and schedule."""
+    if preset == "char-baseline":
+        return CHAR_BASELINE
+    from openllm_edu.model import PRESETS
+    if preset is not None and preset not in PRESETS:
+        raise CourseError(f"unknown preset {preset!r}; use char-baseline or a model preset: {', '.join(PRESETS)}.")
+    train = dict(model=profile.model_preset, block_size=profile.block_size, batch_size=profile.batch_size,
+                 **PROFILE_TRAINING.get(profile.name, PROFILE_TRAINING["laptop"]))
+    if preset is not None:
+        train.update(model=preset, model_overrides={})
+    return Recipe(profile.tokenizer, profile.vocab_size, train)
+
+
+# %% ../nbs/95_cli.ipynb #ff593f1e
+def prepare_main_data(out_dir: str | Path, tokenizer_kind: str, vocab_size: int | None, profile) -> dict:
+    """Default corpus -> tokenizer (trained on the training split only) -> token files in out_dir/tokenizer and
+    out_dir/data. Returns the report it prints."""
     from openllm_edu.data import hash_split, load_corpus, prepare_data
     from openllm_edu.tokenizer import train_tokenizer
 
-    profile, out_dir = get_profile(profile_name), Path(out_dir)
-    timings = {}
+    out_dir, timings = Path(out_dir), {}
     start = time.perf_counter()
     documents, corpus_report = load_corpus("shakespeare", max_bytes=profile.corpus_max_bytes or None)
-    train_docs, _ = hash_split(documents, profile.val_fraction)
+    train_docs, _ = hash_split(documents, profile.val_fraction)  # the validation text stays unseen
     timings["load corpus"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    tokenizer_dir = out_dir / "tokenizer"
-    tokenizer = train_tokenizer(profile.tokenizer, train_docs, profile.vocab_size, out_dir=tokenizer_dir)
+    tokenizer = train_tokenizer(tokenizer_kind, train_docs, vocab_size, out_dir=out_dir / "tokenizer")
     timings["train tokenizer"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    data_report = prepare_data("shakespeare", tokenizer_dir, out_dir / "data", val_fraction=profile.val_fraction,
-                               max_bytes=profile.corpus_max_bytes or None)
+    data_report = prepare_data("shakespeare", out_dir / "tokenizer", out_dir / "data",
+                               val_fraction=profile.val_fraction, max_bytes=profile.corpus_max_bytes or None)
     timings["tokenize + write"] = time.perf_counter() - start
     return {"profile": profile.name, "out_dir": str(out_dir), "documents": corpus_report.documents,
             "tokenizer": f"{tokenizer.kind}, vocab {tokenizer.vocab_size}", "data": str(data_report),
             "seconds": timings}
+
+
+def run_main_job(profile_name: str | None = None, out_dir: str | Path = "runs/main") -> dict:
+    "The data half of the main job, sized by the profile: tokenizer and token files, no training."
+    profile = get_profile(profile_name)
+    return prepare_main_data(out_dir, profile.tokenizer, profile.vocab_size, profile)
+
+
+# %% ../nbs/95_cli.ipynb #7f32ed3b
+SAMPLE_PROMPTS = ("ROMEO:\n", "First Citizen:\n", "To be, or not")
+
+
+def _run_config(recipe: Recipe, out_dir: Path, config_file: str | None, overrides: dict):
+    "Recipe, then the config file's fields, then the command line's flags; data in out_dir/data unless given."
+    from openllm_edu.trainer import TrainConfig, read_config_values
+    values = {**recipe.train, "data_dir": str(out_dir / "data")}
+    if config_file:
+        values.update(read_config_values(config_file))
+    return TrainConfig.from_dict({**values, **overrides, "out_dir": str(out_dir)})
+
+
+def _tokenizer_for(config: TrainConfig):
+    "The tokenizer saved beside the run's data folder (the main job puts it there), or None."
+    from openllm_edu.tokenizer import load_tokenizer
+    folder = Path(config.data_dir).parent / "tokenizer"
+    return load_tokenizer(folder) if folder.is_dir() else None
+
+
+def write_samples(model, tokenizer, path: Path, prompts=SAMPLE_PROMPTS, max_new_tokens: int = 200,
+                  seed: int = 0) -> str:
+    "A few seeded samples after each prompt, written to `path`."
+    from openllm_edu.generate import GenerationConfig, generate_text
+    config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.8, top_k=50, seed=seed)
+    text = "".join(f"--- {prompt!r}\n{prompt}{generate_text(model, tokenizer, prompt, config)}\n\n" for prompt in prompts)
+    atomic_write_text(path, text)
+    return text
+
+
+def best_evaluation(rows: list[dict]) -> dict | None:
+    "The validation row with the lowest loss (the one the best checkpoint was saved at)."
+    val = [r for r in rows if "val/loss" in r]
+    return min(val, key=lambda r: r["val/loss"]) if val else None
+
+
+def finish_run(trainer) -> dict:
+    "After fit: the best checkpoint's weights saved as model/ for `generate`, loss curves, samples; a summary."
+    from openllm_edu.model import _unwrap
+    from openllm_edu.trainer import Checkpointer, plot_training, read_metrics
+    out = Path(trainer.config.out_dir)
+    best_path = out / "checkpoints" / "best.pt"
+    if best_path.is_file():  # the model to keep is the best by validation loss, not the last
+        _unwrap(trainer.model).load_state_dict(Checkpointer.load(best_path)["model"])
+    tokenizer = _tokenizer_for(trainer.config)
+    trainer.save_pretrained(out / "model", tokenizer)
+    rows = read_metrics(out / "metrics.jsonl")
+    plot_training(rows, out / "loss.png")
+    if tokenizer is not None:
+        write_samples(_unwrap(trainer.model).eval(), tokenizer, out / "samples.txt")
+    best = best_evaluation(rows) or {}
+    speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
+    summary = {"out_dir": str(out), "steps": trainer.step, "best_step": best.get("step"),
+               "best_val_loss": best.get("val/loss"), "best_val_bits_per_byte": best.get("val/bits_per_byte"),
+               "precision": trainer.precision, "micro_batch": trainer.micro_batch,
+               "parameters": _unwrap(trainer.model).num_params(),
+               "tokens_per_s": statistics.median(speeds) if speeds else None}
+    return summary
+
+
+def _moved_run(resume: str | Path) -> dict:
+    "A resumed run writes where its checkpoint is now, and reads its own data from there, even if moved."
+    from openllm_edu.trainer import Checkpointer
+    checkpoint = Checkpointer.find(resume)
+    saved = Checkpointer.load(checkpoint)["config"]
+    run_dir = checkpoint.parent.parent  # <run>/checkpoints/step_XXXXXXXX.pt
+    moved = {"out_dir": str(run_dir)}
+    if Path(saved["data_dir"]) == Path(saved["out_dir"]) / "data":
+        moved["data_dir"] = str(run_dir / "data")
+    return moved
+
+
+def train_main_job(preset: str | None = None, profile_name: str | None = None, out_dir: str | Path | None = None,
+                   config_file: str | None = None, resume: str | Path | None = None, **overrides) -> dict:
+    """`openllm-edu train`: prepare data and tokenizer if missing, train, evaluate, checkpoint, and write
+    runs/<name>/ (model/, checkpoints/, metrics.jsonl, loss.png, samples.txt, summary.json)."""
+    from openllm_edu.trainer import Trainer, resolve_device, resolve_precision
+    profile = get_profile(profile_name)
+    start = time.perf_counter()
+    if resume is not None:
+        trainer = Trainer.resume(resume, **_moved_run(resume), **overrides)
+    else:
+        recipe = main_job_recipe(preset, profile)
+        out = Path(out_dir or Path("runs") / (preset or profile.name))
+        config = _run_config(recipe, out, config_file, overrides)
+        resolve_precision(config.precision, resolve_device(config.device))  # refuse fp16 on CPU before any work
+        if config.data_dir == str(out / "data") and not (out / "data" / "report.json").is_file():
+            print(f"preparing the default corpus and a {recipe.tokenizer} tokenizer in {out} ...", flush=True)
+            prepare_main_data(out, recipe.tokenizer, recipe.vocab_size, profile)
+        trainer = Trainer(config)
+    trainer.fit()
+    summary = finish_run(trainer)
+    summary["seconds"] = time.perf_counter() - start
+    atomic_write_text(Path(summary["out_dir"]) / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+# %% ../nbs/95_cli.ipynb #e8671841
+def cmd_train(args) -> int:
+    if args.resume and (args.preset or args.config or args.out):
+        raise CourseError("--resume continues a run with its own config and folder; drop --preset, --config and "
+                          "--out (flags like --max-steps still apply).")
+    flags = dict(max_steps=args.max_steps, precision=args.precision, seed=args.seed,
+                 memory_budget_mb=args.memory_budget_mb, compile=args.compile or None,
+                 progress=False if args.no_progress else None)
+    overrides = {name: value for name, value in flags.items() if value is not None}
+    summary = train_main_job(args.preset, args.profile, args.out, args.config, args.resume, **overrides)
+    out = summary["out_dir"]
+    print(f"\nrun:      {out} ({summary['parameters']:,} parameters, {summary['precision']}, "
+          f"{summary['steps']} steps in {summary['seconds']:.0f} s)")
+    if summary["best_val_loss"] is not None:
+        print(f"best:     step {summary['best_step']}: validation loss {summary['best_val_loss']:.4f} nats/token, "
+              f"{summary['best_val_bits_per_byte']:.4f} bits/byte")
+    print(f"files:    {out}/model (openllm-edu generate --checkpoint {out}/model --prompt ...), checkpoints/, "
+          "metrics.jsonl, loss.png, samples.txt, summary.json")
+    return 0
 
 
 def cmd_run(args) -> int:
@@ -230,14 +425,15 @@ def cmd_run(args) -> int:
     print(report["data"], "\n")
     for step, seconds in report["seconds"].items():
         print(f"{step:18} {seconds:7.1f} s")
-    print("\nNext: the trainer (chapter 07) will train a GPT on these token files.")
+    print(f"\nNext: openllm-edu train --config FILE with data_dir: {report['out_dir']}/data, or plain "
+          "openllm-edu train, which prepares its own.")
     return 0
 
 # %% ../nbs/95_cli.ipynb #f2d2870f
 HANDLERS = {
-    ("doctor", None): cmd_doctor, ("run", None): cmd_run, ("data", "prepare"): cmd_data_prepare,
+    ("doctor", None): cmd_doctor, ("train", None): cmd_train, ("run", None): cmd_run, ("data", "prepare"): cmd_data_prepare,
     ("tokenizer", "train"): cmd_tokenizer_train, ("bench", "tokenizer"): cmd_bench_tokenizer,
-    ("bench", "model"): cmd_bench_model, ("generate", None): cmd_generate,
+    ("bench", "model"): cmd_bench_model, ("bench", "train"): cmd_bench_train, ("generate", None): cmd_generate,
     ("instructor", "release"): cmd_instructor_release, ("grade", None): cmd_grade,
 }
 

@@ -21,167 +21,19 @@ import torch.nn as nn
 
 from .core import CourseError, atomic_write_bytes, atomic_write_text
 from .data import BatchSampler, load_token_file, read_token_metadata
-from .metrics import evaluate_lm
+from .distributed import (DistributedContext, all_reduce_mean, barrier, evaluate_lm_distributed,
+                                     init_distributed, no_gradient_sync, rank_seed, wrap_model)
+from .memory import MiB, estimate_memory, fit_micro_batch
 from .model import GPT, GPTConfig, _unwrap, flops_per_token, save_pretrained
+from .optim import OptimizerConfig, make_optimizer
+from .schedule import ScheduleConfig
 
 # %% auto #0
-__all__ = ['SCHEDULES', 'OPTIMIZERS', 'PRECISIONS', 'CHECKPOINT_FORMAT', 'warmup_lr', 'warmup_cosine', 'linear_decay', 'constant',
-           'warmup_stable_decay', 'ScheduleConfig', 'decay_groups', 'Lion', 'OptimizerConfig', 'can_fuse',
-           'make_optimizer', 'cpu_has_fast_bf16', 'resolve_device', 'resolve_precision', 'autocast_for',
-           'accumulate_gradients', 'clip_gradients', 'TrainConfig', 'TrainData', 'rng_state', 'set_rng_state',
-           'Checkpointer', 'JSONLinesLogger', 'TensorBoardLogger', 'WandbLogger', 'tensorboard_available',
-           'in_notebook', 'LiveDashboard', 'read_metrics', 'NonFiniteLossError', 'build_model', 'Trainer']
-
-# %% ../nbs/07_training.ipynb #aad66532
-def warmup_lr(step: int, max_lr: float, warmup_steps: int) -> float:
-    "The linear warmup: (step + 1) / warmup_steps of max_lr, for step < warmup_steps."
-    return max_lr * (step + 1) / warmup_steps
-
-
-def warmup_cosine(step: int, max_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
-    """Linear warmup for `warmup_steps`, then half a cosine from max_lr down to min_lr at `total_steps`;
-    min_lr after that."""
-    if step < warmup_steps:
-        return warmup_lr(step, max_lr, warmup_steps)
-    if step >= total_steps:
-        return min_lr
-    progress = (step - warmup_steps) / (total_steps - warmup_steps)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
-
-# %% ../nbs/07_training.ipynb #b8da357d
-def linear_decay(step: int, max_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
-    "Linear warmup, then a straight line from max_lr to min_lr at `total_steps`."
-    if step < warmup_steps:
-        return warmup_lr(step, max_lr, warmup_steps)
-    if step >= total_steps:
-        return min_lr
-    progress = (step - warmup_steps) / (total_steps - warmup_steps)
-    return max_lr + progress * (min_lr - max_lr)
-
-
-def constant(step: int, max_lr: float, min_lr: float = 0.0, warmup_steps: int = 0, total_steps: int = 0) -> float:
-    "Linear warmup, then max_lr for ever (min_lr and total_steps are accepted and ignored)."
-    return warmup_lr(step, max_lr, warmup_steps) if step < warmup_steps else max_lr
-
-
-def warmup_stable_decay(step: int, max_lr: float, min_lr: float, warmup_steps: int, total_steps: int,
-                        decay_fraction: float = 0.2) -> float:
-    "Linear warmup, max_lr until the last `decay_fraction` of `total_steps`, then linear down to min_lr."
-    if step < warmup_steps:
-        return warmup_lr(step, max_lr, warmup_steps)
-    decay_start = max(warmup_steps, total_steps - round(decay_fraction * total_steps))
-    if step < decay_start:
-        return max_lr
-    if step >= total_steps:
-        return min_lr
-    return max_lr + (step - decay_start) / (total_steps - decay_start) * (min_lr - max_lr)
-
-# %% ../nbs/07_training.ipynb #2a4c600e
-SCHEDULES = {"cosine": warmup_cosine, "linear": linear_decay, "constant": constant, "wsd": warmup_stable_decay}
-
-
-@dataclass
-class ScheduleConfig:
-    "Which schedule, and its numbers. `total_steps` is usually the run's max_steps."
-    name: str = "cosine"  # "cosine" | "linear" | "constant" | "wsd"
-    max_lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 100
-    total_steps: int = 5000
-    decay_fraction: float = 0.2  # wsd only
-
-    def __post_init__(self):
-        if self.name not in SCHEDULES:
-            raise CourseError(f"unknown schedule {self.name!r}; use one of {', '.join(SCHEDULES)}.")
-        if self.warmup_steps < 0 or self.total_steps < self.warmup_steps:
-            raise CourseError(f"warmup_steps={self.warmup_steps} must be in [0, total_steps={self.total_steps}]; "
-                              "lower warmup_steps or raise total_steps.")
-        if not 0 <= self.min_lr <= self.max_lr:
-            raise CourseError(f"need 0 <= min_lr <= max_lr, got min_lr={self.min_lr}, max_lr={self.max_lr}.")
-
-    def lr_at(self, step: int) -> float:
-        args = (step, self.max_lr, self.min_lr, self.warmup_steps, self.total_steps)
-        return warmup_stable_decay(*args, self.decay_fraction) if self.name == "wsd" else SCHEDULES[self.name](*args)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-# %% ../nbs/07_training.ipynb #3b5f0159
-def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two parameter groups: matrices that decay, and the rest (biases, norm weights, embeddings) with
-    weight_decay=0. A parameter shared by two modules (tied embeddings) is counted once, as an embedding."""
-    embeddings = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-    decay, no_decay = [], []
-    for param in model.parameters():  # unique parameters
-        if not param.requires_grad:
-            continue
-        (decay if param.dim() >= 2 and id(param) not in embeddings else no_decay).append(param)
-    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
-
-# %% ../nbs/07_training.ipynb #a92fe647
-class Lion(torch.optim.Optimizer):
-    "The Lion optimizer: sign of an interpolated momentum, decoupled weight decay, one state tensor."
-
-    def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0):
-        if lr <= 0 or not all(0 <= b < 1 for b in betas):
-            raise CourseError(f"Lion needs lr > 0 and betas in [0, 1), got lr={lr}, betas={betas}.")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["exp_avg"] = torch.zeros_like(p)
-                m = state["exp_avg"]
-                update = (beta1 * m + (1 - beta1) * p.grad).sign_()
-                p.mul_(1 - group["lr"] * group["weight_decay"]).add_(update, alpha=-group["lr"])
-                m.mul_(beta2).add_(p.grad, alpha=1 - beta2)
-        return loss
-
-# %% ../nbs/07_training.ipynb #dd0ef0fd
-OPTIMIZERS = ("adamw", "lion")
-
-
-@dataclass
-class OptimizerConfig:
-    "Which optimizer and its hyper-parameters (the learning rate itself comes from the schedule)."
-    name: str = "adamw"  # "adamw" | "lion"
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8  # adamw only
-    fused: bool | None = None  # None: fused AdamW wherever PyTorch has it (CPU, CUDA)
-
-    def __post_init__(self):
-        if self.name not in OPTIMIZERS:
-            raise CourseError(f"unknown optimizer {self.name!r}; use one of {', '.join(OPTIMIZERS)}.")
-        self.betas = tuple(self.betas)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def can_fuse(params) -> bool:
-    "Whether PyTorch's fused AdamW can run on every one of `params` (floating point, on CPU or CUDA)."
-    return all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-
-
-def make_optimizer(model: nn.Module, config: OptimizerConfig, lr: float = 1e-3) -> torch.optim.Optimizer:
-    "The optimizer `config` names, over `decay_groups(model)`."
-    groups = decay_groups(model, config.weight_decay)
-    if config.name == "lion":
-        return Lion(groups, lr=lr, betas=config.betas)
-    params = [p for g in groups for p in g["params"]]
-    fused = can_fuse(params) if config.fused is None else config.fused
-    return torch.optim.AdamW(groups, lr=lr, betas=config.betas, eps=config.eps, fused=fused)
+__all__ = ['PRECISIONS', 'CHECKPOINT_FORMAT', 'cpu_has_fast_bf16', 'resolve_device', 'resolve_precision', 'autocast_for',
+           'accumulate_gradients', 'clip_gradients', 'TrainConfig', 'read_config_values', 'TrainData', 'rng_state',
+           'set_rng_state', 'Checkpointer', 'JSONLinesLogger', 'TensorBoardLogger', 'WandbLogger',
+           'tensorboard_available', 'in_notebook', 'LiveDashboard', 'read_metrics', 'NonFiniteLossError', 'build_model',
+           'Trainer', 'plot_training']
 
 # %% ../nbs/07_training.ipynb #5d7e3739
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -227,18 +79,20 @@ def autocast_for(precision: str, device: str | torch.device):
 
 # %% ../nbs/07_training.ipynb #0a78286c
 def accumulate_gradients(model: nn.Module, micro_batches, autocast=contextlib.nullcontext,
-                         scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
+                         scaler: torch.amp.GradScaler | None = None, no_sync=contextlib.nullcontext) -> torch.Tensor:
     """Forward and backward each (x, y) in `micro_batches`, adding their gradients into .grad; each loss is
     divided by the number of micro-batches so the sum is the gradient of the mean loss. Returns that mean loss
-    (a detached tensor, to avoid a device sync per micro-batch)."""
+    (a detached tensor, to avoid a device sync per micro-batch). Every micro-step but the last runs inside
+    `no_sync()`, so that a data-parallel model all-reduces its gradients once per step (chapter 09)."""
     n = len(micro_batches)
     total = torch.zeros(())
-    for x, y in micro_batches:
-        with autocast():
-            _, loss = model(x, y)
-        total = total.to(loss.device) + loss.detach().float()
-        loss = loss / n
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+    for i, (x, y) in enumerate(micro_batches):
+        with no_sync() if i < n - 1 else contextlib.nullcontext():
+            with autocast():
+                _, loss = model(x, y)
+            total = total.to(loss.device) + loss.detach().float()
+            loss = loss / n
+            (scaler.scale(loss) if scaler is not None else loss).backward()
     return total / n
 
 # %% ../nbs/07_training.ipynb #531c8cd1
@@ -285,6 +139,7 @@ class TrainConfig:
     dashboard: bool = False  # a live plot, when running in a notebook
     wandb: bool = False  # also log to Weights & Biases (needs the wandb package)
     peak_flops: float | None = None  # the device's peak FLOP/s, to report MFU
+    memory_budget_mb: float | None = None  # halve the micro-batch while the estimated step peak is above this
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -293,6 +148,8 @@ class TrainConfig:
                 raise CourseError(f"{name}={getattr(self, name)!r} must be a whole number >= 1.")
         if self.precision not in PRECISIONS:
             raise CourseError(f"precision={self.precision!r} is not one of {', '.join(PRECISIONS)}; pick one of those.")
+        if self.memory_budget_mb is not None and not self.memory_budget_mb > 0:
+            raise CourseError(f"memory_budget_mb={self.memory_budget_mb!r} must be positive, or None for no budget.")
         self.optimizer_config()
         self.schedule_config()
 
@@ -328,28 +185,33 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
-        "A config from a JSON or YAML file (YAML needs PyYAML)."
-        path = Path(path)
-        if not path.is_file():
-            raise CourseError(f"config file {path} not found; check the path.")
-        text = path.read_text(encoding="utf-8")
-        try:
-            if path.suffix in (".yaml", ".yml"):
-                try:
-                    import yaml
-                except ImportError:
-                    raise CourseError(f"{path} is YAML but PyYAML is not installed; `pip install pyyaml` or "
-                                      "write the config as JSON.") from None
-                values = yaml.safe_load(text)
-            else:
-                values = json.loads(text)
-        except CourseError:
-            raise
-        except Exception as e:
-            raise CourseError(f"{path} could not be parsed ({type(e).__name__}: {e}); fix the file.") from None
-        if not isinstance(values, dict):
-            raise CourseError(f"{path} must hold a mapping of TrainConfig fields; fix the file.")
-        return cls.from_dict(values)
+        "A config from a JSON or YAML file (YAML needs PyYAML); fields it leaves out keep their defaults."
+        return cls.from_dict(read_config_values(path))
+
+
+def read_config_values(path: str | Path) -> dict:
+    "The mapping of TrainConfig fields written in a JSON or YAML file, as given (no defaults filled in)."
+    path = Path(path)
+    if not path.is_file():
+        raise CourseError(f"config file {path} not found; check the path.")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise CourseError(f"{path} is YAML but PyYAML is not installed; `pip install pyyaml` or "
+                                  "write the config as JSON.") from None
+            values = yaml.safe_load(text)
+        else:
+            values = json.loads(text)
+    except CourseError:
+        raise
+    except Exception as e:
+        raise CourseError(f"{path} could not be parsed ({type(e).__name__}: {e}); fix the file.") from None
+    if not isinstance(values, dict):
+        raise CourseError(f"{path} must hold a mapping of TrainConfig fields; fix the file.")
+    return values
 
 # %% ../nbs/07_training.ipynb #41d4fedf
 @dataclass
@@ -592,16 +454,28 @@ class Trainer:
     def __init__(self, config: TrainConfig, model: nn.Module | None = None, data: TrainData | None = None,
                  callbacks=()):
         self.config = config
-        self.device = resolve_device(config.device)
+        # torchrun's environment says which rank of how many processes this is; without torchrun, 1 of 1
+        self.distributed = init_distributed(DistributedContext.from_env(device=config.device))
+        self.device = self.distributed.device if self.distributed.is_distributed else resolve_device(config.device)
         self.precision = resolve_precision(config.precision, self.device)
         self.data = data if data is not None else TrainData.load(config.data_dir)
         if config.eval_every and len(self.data.val) < 2:
             raise CourseError(f"the validation split of {config.data_dir} is empty, so nothing can be evaluated; "
                               "prepare the data with a larger val_fraction (or more documents), or set eval_every=0.")
+        step_tokens = config.grad_accum * config.batch_size * config.block_size
+        if step_tokens > len(self.data.train):
+            raise CourseError(f"one step needs {step_tokens:,} tokens (grad_accum × batch_size × block_size) but the "
+                              f"training split of {config.data_dir} has {len(self.data.train):,}; use a smaller "
+                              "batch_size, block_size or grad_accum, or more data.")
         torch.manual_seed(config.seed)
         self.model = (model if model is not None else build_model(config, self.data.vocab_size)).to(self.device)
-        self.forward_model = torch.compile(self.model) if config.compile else self.model
-        self.sampler = BatchSampler(self.data.train, config.batch_size, config.block_size, seed=config.seed)
+        self.parallel_model = wrap_model(self.model, self.distributed)  # DDP when WORLD_SIZE > 1, else the model itself
+        self.forward_model = torch.compile(self.parallel_model) if config.compile else self.parallel_model
+        # each rank its own stream of batches (and of dropout masks); rank 0 draws what a single process would
+        self.sampler = BatchSampler(self.data.train, config.batch_size, config.block_size,
+                                    seed=rank_seed(config.seed, self.distributed.rank))
+        if self.distributed.is_distributed:
+            torch.manual_seed(rank_seed(config.seed, self.distributed.rank))
         self.schedule = config.schedule_config()
         self.optimizer = make_optimizer(self.model, config.optimizer_config(), lr=self.schedule.lr_at(0))
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
@@ -609,6 +483,7 @@ class Trainer:
         self.callbacks = list(callbacks)  # each called as callback(trainer) after every step
         self.loggers: list = []
         self.step = 0
+        self.micro_batch = config.batch_size  # smaller after an out-of-memory back-off; the step's batch is not
         self.best_val_loss = math.inf
         self.evals_without_improvement = 0
         self.skipped_steps = 0  # fp16 steps the scaler skipped (inf/nan gradients)
@@ -618,15 +493,36 @@ class Trainer:
     def autocast(self):
         return lambda: autocast_for(self.precision, self.device)
 
+    def _step_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        "The grad_accum × batch_size sequences of one optimizer step, whatever micro-batches they are cut into."
+        pairs = [next(self.sampler) for _ in range(self.config.grad_accum)]
+        return tuple(torch.cat(parts).to(self.device, non_blocking=True) for parts in zip(*pairs))
+
+    def _estimated_peak(self, micro_batch: int) -> int:
+        return estimate_memory(_unwrap(self.model).config, micro_batch, self.config.block_size, self.precision,
+                               self.config.optimizer).peak
+
+    def _accumulate(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        "Forward and backward over (x, y) in micro-batches; on out-of-memory, halve them (chapter 08) and retry."
+        def run(micro_batch: int, accumulation: int) -> float:
+            self.optimizer.zero_grad(set_to_none=True)
+            micro = list(zip(x.split(micro_batch), y.split(micro_batch)))
+            loss = accumulate_gradients(self.forward_model, micro, self.autocast, self.scaler,
+                                        no_sync=lambda: no_gradient_sync(self.parallel_model))
+            return all_reduce_mean(loss).item()  # the loss of the whole step, the same on every rank
+
+        budget = self.config.memory_budget_mb
+        loss, self.micro_batch, _ = fit_micro_batch(
+            run, self.micro_batch, len(x) // self.micro_batch, budget_bytes=budget and int(budget * MiB),
+            peak_fn=self._estimated_peak if budget else None, log=print if self.distributed.is_main else None)
+        return loss
+
     def train_step(self) -> dict:
         "One optimizer step (grad_accum micro-batches). Returns its metrics."
         lr = self.schedule.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        micro = [tuple(t.to(self.device, non_blocking=True) for t in next(self.sampler))
-                 for _ in range(self.config.grad_accum)]
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = accumulate_gradients(self.forward_model, micro, self.autocast, self.scaler).item()
+        loss = self._accumulate(*self._step_batch())
         if not math.isfinite(loss):
             raise NonFiniteLossError(
                 f"the training loss became {loss} at step {self.step} (lr {lr:.3g}, precision {self.precision}). "
@@ -642,16 +538,18 @@ class Trainer:
         else:
             self.optimizer.step()
         self.step += 1
-        tokens = self.config.grad_accum * self.config.batch_size * self.config.block_size
-        metrics = {"train/loss": loss, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens}
+        tokens = self.config.grad_accum * self.config.batch_size * self.config.block_size * self.distributed.world_size
+        metrics = {"train/loss": loss, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens,
+                   "micro_batch": self.micro_batch}
         if self.scaler is not None:
             metrics["skipped_steps"] = self.skipped_steps
         return metrics
 
     def evaluate(self):
-        "Loss, perplexity and bits per byte on the validation split (fp32, eval mode)."
-        return evaluate_lm(self.model, self.data.val, self.data.val_bytes, block_size=self.config.block_size,
-                           batch_size=self.config.batch_size, max_tokens=self.config.eval_tokens)
+        "Loss, perplexity and bits per byte on the validation split (fp32, eval mode), shared out between the ranks."
+        return evaluate_lm_distributed(self.model, self.data.val, self.data.val_bytes,
+                                       block_size=self.config.block_size, batch_size=self.config.batch_size,
+                                       max_tokens=self.config.eval_tokens)
 
     def state_dict(self) -> dict:
         return dict(format=CHECKPOINT_FORMAT, step=self.step, config=self.config.to_dict(),
@@ -661,7 +559,8 @@ class Trainer:
                     scaler=self.scaler.state_dict() if self.scaler is not None else None,
                     sampler=self.sampler.state_dict(), schedule=self.schedule.to_dict(),
                     best_val_loss=self.best_val_loss, evals_without_improvement=self.evals_without_improvement,
-                    skipped_steps=self.skipped_steps, rng=rng_state())
+                    skipped_steps=self.skipped_steps, micro_batch=self.micro_batch, rng=rng_state(),
+                    world_size=self.distributed.world_size)
 
     def load_state_dict(self, state: dict) -> None:
         "Restore a checkpoint's state, after checking it fits this model and tokenizer (nothing changes if not)."
@@ -679,11 +578,20 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
-        self.sampler.load_state_dict(state["sampler"])
+        self.sampler.load_state_dict(state["sampler"])  # rank 0's stream; the other ranks derive theirs from it
+        self.sampler.seed = rank_seed(self.sampler.seed, self.distributed.rank)
         self.step, self.best_val_loss = int(state["step"]), float(state["best_val_loss"])
         self.evals_without_improvement = int(state["evals_without_improvement"])
         self.skipped_steps = int(state["skipped_steps"])
-        set_rng_state(state["rng"])
+        self.micro_batch = int(state.get("micro_batch", self.config.batch_size))
+        set_rng_state(state["rng"])  # rank 0's generators
+        if not self.distributed.is_main:
+            torch.manual_seed(rank_seed(self.config.seed + self.step, self.distributed.rank))
+        saved_world, world = int(state.get("world_size", 1)), self.distributed.world_size
+        if saved_world != world and self.distributed.is_main:
+            print(f"resuming a run of {saved_world} process(es) on {world}: same weights, optimizer and schedule, but "
+                  "not the batches the original run would have drawn next, and the effective batch is now "
+                  f"{self.config.grad_accum * self.config.batch_size * world} sequences.")
         self.resumed_step = self.step
 
     @classmethod
@@ -699,13 +607,20 @@ class Trainer:
         return save_pretrained(self.model, directory, tokenizer)
 
     def save_checkpoint(self, best: bool = False) -> Path:
-        return self.checkpointer.save(self.state_dict(), self.step, best=best)
+        "Rank 0 writes; the barriers keep every rank at this step until the file is complete."
+        barrier()
+        if self.distributed.is_main:
+            self.checkpointer.save(self.state_dict(), self.step, best=best)
+        barrier()
+        return self.checkpointer.directory / f"step_{self.step:08d}.pt"
 
     def _open_loggers(self) -> None:
         out = Path(self.config.out_dir)
         if self.resumed_step is None and self.checkpointer.latest() is not None:
             raise CourseError(f"{out} already holds checkpoints of another run; resume it (Trainer.resume / "
                               "--resume) or choose another out_dir.")
+        if not self.distributed.is_main:  # logs and files come from rank 0 only
+            return
         out.mkdir(parents=True, exist_ok=True)
         self.config.save(out / "config.json")
         self.loggers = [JSONLinesLogger(out / "metrics.jsonl", resume_step=self.resumed_step)]
@@ -737,7 +652,8 @@ class Trainer:
         config = self.config
         self._open_loggers()
         from tqdm.auto import tqdm
-        bar = tqdm(total=config.max_steps, initial=self.step, disable=not config.progress, unit="step")
+        show_bar = config.progress and self.distributed.is_main
+        bar = tqdm(total=config.max_steps, initial=self.step, disable=not show_bar, unit="step")
         flops = flops_per_token(_unwrap(self.model).config, config.block_size)
         stopped_early, start, first_step = False, time.perf_counter(), self.step
         try:
@@ -747,7 +663,7 @@ class Trainer:
                 tokens_per_s = metrics.pop("tokens") / (time.perf_counter() - began)
                 metrics["tokens_per_s"] = tokens_per_s
                 if config.peak_flops:
-                    metrics["mfu"] = flops * tokens_per_s / config.peak_flops
+                    metrics["mfu"] = flops * tokens_per_s / (config.peak_flops * self.distributed.world_size)
                 if self.step % config.log_every == 0 or self.step == config.max_steps:
                     self._log(metrics)
                 bar.update(1)
@@ -771,8 +687,28 @@ class Trainer:
             bar.close()
             for logger in self.loggers:
                 logger.close()
-        if self.skipped_steps:
+        if self.skipped_steps and self.distributed.is_main:
             print(f"fp16: the gradient scaler skipped {self.skipped_steps} steps (overflowing gradients).")
         return dict(step=self.step, best_val_loss=self.best_val_loss, stopped_early=stopped_early,
                     skipped_steps=self.skipped_steps, seconds=time.perf_counter() - start,
                     steps_run=self.step - first_step, out_dir=config.out_dir)
+
+# %% ../nbs/07_training.ipynb #50c72955
+def plot_training(rows: list[dict], path: str | Path | None = None):
+    "Loss (train and validation) and learning rate against the step, from `read_metrics` rows; saved as PNG if `path`."
+    import matplotlib.pyplot as plt
+    train = [r for r in rows if "train/loss" in r]
+    val = [r for r in rows if "val/loss" in r]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.2))
+    left.plot([r["step"] for r in train], [r["train/loss"] for r in train], label="train (one batch)")
+    left.plot([r["step"] for r in val], [r["val/loss"] for r in val], "o-", label="validation")
+    left.set(xlabel="step", ylabel="loss (nats/token)", title="loss")
+    left.legend()
+    right.plot([r["step"] for r in train], [r["lr"] for r in train])
+    right.set(xlabel="step", ylabel="learning rate", title="schedule")
+    fig.tight_layout()
+    if path is not None:
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=120)
+        atomic_write_bytes(path, buffer.getvalue())
+    return fig

@@ -186,3 +186,106 @@ def test_generate_bad_input(saved_model, tmp_path):
                        "top_p")
     assert_clean_error(openllm_edu("generate", "--checkpoint", saved_model, "--prompt", SAMPLE * 5), "block_size")
     assert_clean_error(openllm_edu("generate", "--checkpoint", tmp_path / "nothing", "--prompt", "x"), "nothing")
+
+
+# --- the main job: openllm-edu train -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    "A finished ci-sized `openllm-edu train` run (12 steps)."
+    out = tmp_path_factory.mktemp("train") / "run"
+    done = openllm_edu("train", "--out", out, "--max-steps", 12, "--no-progress")
+    assert done.returncode == 0, done.stdout + done.stderr
+    return out, done.stdout
+
+
+def test_train_writes_a_complete_run_folder(trained_run):
+    out, stdout = trained_run
+    for name in ("model/config.json", "model/model.safetensors", "model/tokenizer", "checkpoints/best.pt",
+                 "checkpoints/step_00000012.pt", "metrics.jsonl", "loss.png", "samples.txt", "summary.json",
+                 "config.json", "data/train.bin", "tokenizer/tokenizer.json"):
+        assert (out / name).exists(), name
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if "val/loss" in r]
+    best = min(val, key=lambda r: r["val/loss"])
+    assert summary["steps"] == 12 and summary["best_step"] == best["step"]
+    assert summary["best_val_bits_per_byte"] == best["val/bits_per_byte"]
+    assert f"{best['val/bits_per_byte']:.4f} bits/byte" in stdout and str(out) in stdout
+    assert (out / "samples.txt").read_text().count("--- ") == 3
+
+
+def test_train_saves_the_best_checkpoint_as_the_model(trained_run):
+    import torch
+    from safetensors.torch import load_file
+
+    out, _ = trained_run
+    best = torch.load(out / "checkpoints" / "best.pt", weights_only=True)["model"]
+    saved = load_file(out / "model" / "model.safetensors")
+    assert all(torch.equal(saved[name], best[name]) for name in saved)
+
+
+def test_train_model_generates_and_the_run_resumes(trained_run, tmp_path):
+    import shutil
+
+    out, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    done = openllm_edu("generate", "--checkpoint", copy / "model", "--prompt", "ROMEO:", "--max-new-tokens", 10,
+                       "--seed", 1)
+    assert done.returncode == 0 and done.stdout.startswith("ROMEO:"), done.stderr
+    done = openllm_edu("train", "--resume", copy, "--max-steps", 16, "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((copy / "summary.json").read_text())["steps"] == 16
+    steps = [json.loads(line)["step"] for line in (copy / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 16  # resumed rows follow the first run's, none repeated
+
+
+def test_train_refuses_to_overwrite_a_run(trained_run):
+    out, _ = trained_run
+    before = {p: p.read_bytes() for p in (out / "checkpoints").iterdir()}
+    assert_clean_error(openllm_edu("train", "--out", out, "--max-steps", 12, "--no-progress"), "resume")
+    assert {p: p.read_bytes() for p in (out / "checkpoints").iterdir()} == before
+
+
+def test_train_bad_input(trained_run, tmp_path):
+    out, _ = trained_run
+    assert_clean_error(openllm_edu("train", "--preset", "huge", "--out", tmp_path / "a"), "char-baseline")
+    assert_clean_error(openllm_edu("train", "--precision", "fp16", "--out", tmp_path / "b"), "CUDA")
+    assert_clean_error(openllm_edu("train", "--precision", "fp64", "--out", tmp_path / "c"), "precision")
+    assert_clean_error(openllm_edu("train", "--resume", tmp_path / "nothing"), "nothing")
+    assert_clean_error(openllm_edu("train", "--resume", out, "--preset", "tiny"), "--resume")
+    assert_clean_error(openllm_edu("train", "--config", tmp_path / "missing.json"), "missing.json")
+    (tmp_path / "bad.json").write_text(json.dumps({"max_stepz": 3}))
+    assert_clean_error(openllm_edu("train", "--config", tmp_path / "bad.json", "--out", tmp_path / "d"), "max_stepz")
+    (out / "checkpoints" / "step_99999999.pt").write_bytes(b"not a checkpoint")
+    try:
+        assert_clean_error(openllm_edu("train", "--resume", out), "damaged")
+    finally:
+        (out / "checkpoints" / "step_99999999.pt").unlink()
+
+
+def test_train_config_file_then_flags(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("max_steps: 6\neval_every: 3\nlr: 0.002\nmodel_overrides: {n_layer: 1}\n")
+    done = openllm_edu("train", "--config", config, "--out", tmp_path / "run", "--max-steps", 4, "--no-progress")
+    assert done.returncode == 0, done.stderr
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["max_steps"] == 4 and saved["eval_every"] == 3 and saved["lr"] == 0.002  # flag > file > recipe
+    assert saved["model_overrides"] == {"n_layer": 1} and saved["block_size"] == 64  # ci profile's block
+
+
+def test_char_baseline_is_nanogpts_recipe_on_our_model(tmp_path):
+    from openllm_edu.model import GPT, GPTConfig
+
+    done = openllm_edu("train", "--preset", "char-baseline", "--out", tmp_path / "base", "--max-steps", 3,
+                       "--no-progress")
+    assert done.returncode == 0, done.stderr
+    saved = json.loads((tmp_path / "base" / "config.json").read_text())
+    assert (saved["block_size"], saved["batch_size"], saved["lr"], saved["precision"]) == (64, 12, 1e-3, "fp32")
+    tokenizer = json.loads((tmp_path / "base" / "tokenizer" / "tokenizer.json").read_text())
+    assert tokenizer["kind"] == "char"
+    vocab = json.loads((tmp_path / "base" / "data" / "train.json").read_text())["vocab_size"]
+    expected = GPT(GPTConfig(vocab_size=vocab, block_size=64, n_layer=4, n_head=4, n_embd=128, bias=False))
+    assert json.loads((tmp_path / "base" / "summary.json").read_text())["parameters"] == expected.num_params()

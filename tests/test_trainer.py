@@ -15,9 +15,10 @@ from openllm_edu.core import CourseError
 from openllm_edu.data import prepare_data, shakespeare_documents
 from openllm_edu.model import GPT, GPTConfig
 from openllm_edu.tokenizer import make_tokenizer
-from openllm_edu.trainer import (Checkpointer, Lion, NonFiniteLossError, OptimizerConfig, ScheduleConfig, TrainConfig,
-                                 Trainer, accumulate_gradients, clip_gradients, constant, decay_groups, linear_decay,
-                                 make_optimizer, read_metrics, resolve_precision, warmup_cosine, warmup_stable_decay)
+from openllm_edu.optim import Lion, OptimizerConfig, decay_groups, make_optimizer
+from openllm_edu.schedule import ScheduleConfig, constant, linear_decay, warmup_cosine, warmup_stable_decay
+from openllm_edu.trainer import (Checkpointer, NonFiniteLossError, TrainConfig, Trainer, accumulate_gradients,
+                                 clip_gradients, read_metrics, resolve_precision)
 
 SMALL_MODEL = dict(n_layer=2, n_head=2, n_embd=32)
 
@@ -287,3 +288,64 @@ def test_save_pretrained_round_trip(data_dir, tmp_path):
     model, _ = load_pretrained(trainer.save_pretrained(tmp_path / "model"))
     for a, b in zip(model.state_dict().values(), trainer.model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+# --- out-of-memory back-off ------------------------------------------------------------------------------
+
+class OutOfMemoryAbove(nn.Module):
+    "Wraps a model; a forward pass on more than `limit` sequences raises CUDA's out-of-memory error."
+
+    def __init__(self, model: nn.Module, limit: int):
+        super().__init__()
+        self.model, self.limit, self.batches = model, limit, []
+
+    def forward(self, idx, targets=None):
+        self.batches.append(len(idx))
+        if len(idx) > self.limit:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (simulated): batch {len(idx)}")
+        return self.model(idx, targets)
+
+
+def test_simulated_oom_halves_the_micro_batch_and_learns_the_same(data_dir, tmp_path):
+    reference = Trainer(make_config(data_dir, tmp_path / "reference", batch_size=8, grad_accum=1, eval_every=0))
+    reference.fit()
+    trainer = Trainer(make_config(data_dir, tmp_path / "oom", batch_size=8, grad_accum=1, eval_every=0))
+    trainer.forward_model = OutOfMemoryAbove(trainer.model, limit=2)
+    trainer.fit()
+    assert trainer.micro_batch == 2
+    assert trainer.forward_model.batches[:6] == [8, 4, 2, 2, 2, 2]  # two back-offs, then 4 micro-steps of 2
+    assert set(trainer.forward_model.batches[6:]) == {2}  # later steps start at the smaller size
+    for a, b in zip(reference.model.parameters(), trainer.model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    rows = [r for r in read_metrics(tmp_path / "oom" / "metrics.jsonl") if "micro_batch" in r]
+    assert {r["micro_batch"] for r in rows} == {2}
+
+
+def test_oom_back_off_survives_a_resume(data_dir, tmp_path):
+    trainer = Trainer(make_config(data_dir, tmp_path / "run", batch_size=4, max_steps=4, eval_every=0))
+    trainer.forward_model = OutOfMemoryAbove(trainer.model, limit=1)
+    trainer.fit()
+    assert trainer.micro_batch == 1
+    resumed = Trainer.resume(tmp_path / "run", max_steps=6)
+    assert resumed.micro_batch == 1 and resumed.step == 4
+
+
+def test_cpu_memory_budget_picks_the_largest_micro_batch_that_fits(data_dir, tmp_path):
+    from openllm_edu.memory import MiB, estimate_memory
+    config = make_config(data_dir, tmp_path / "budget", batch_size=8, eval_every=0, max_steps=2)
+    model_config = Trainer(config).model.config
+    peaks = {b: estimate_memory(model_config, b, config.block_size).peak for b in (2, 4, 8)}
+    assert peaks[2] < peaks[4] < peaks[8]
+    trainer = Trainer(config.replace(memory_budget_mb=(peaks[4] + peaks[8]) / 2 / MiB))
+    trainer.fit()
+    assert trainer.micro_batch == 4
+    with pytest.raises(CourseError, match="micro-batch of 1"):
+        Trainer(config.replace(out_dir=str(tmp_path / "tiny-budget"), memory_budget_mb=0.001)).fit()
+    with pytest.raises(CourseError, match="memory_budget_mb"):
+        config.replace(memory_budget_mb=-1)
+
+
+def test_a_batch_larger_than_the_data_is_refused(data_dir, tmp_path):
+    with pytest.raises(CourseError, match="training split"):
+        Trainer(make_config(data_dir, tmp_path / "big", batch_size=4096, block_size=32))
+    assert not (tmp_path / "big").exists()
