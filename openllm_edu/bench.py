@@ -7,25 +7,36 @@ import ctypes
 import ctypes.util
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from .core import CourseError
 
 # %% auto #0
-__all__ = ['DTYPES', 'PRECISIONS', 'time_calls', 'Timing', 'matmul_flops', 'time_matmul', 'measure_matmul_peak',
-           'model_flops_utilization', 'reuse_freed_memory', 'precision_dtype', 'bench_config', 'make_train_step',
-           'bench_train_step', 'bench_generation', 'bench_model', 'kv_cache_speedup', 'format_model_bench']
+__all__ = ['DTYPES', 'PRECISIONS', 'TRAINER_OVERHEAD_TARGET', 'time_calls', 'time_interleaved', 'Timing', 'matmul_flops',
+           'time_matmul', 'measure_matmul_peak', 'model_flops_utilization', 'reuse_freed_memory',
+           'precision_dtype_name', 'precision_dtype', 'bench_config', 'bench_gpt', 'make_train_step', 'build_bare_step',
+           'time_training_steps', 'step_timing', 'bench_train_step', 'bench_generation', 'fastest_matmuls', 'use_peaks',
+           'bench_model', 'kv_cache_speedup', 'timing_table', 'format_model_bench', 'synthetic_train_data',
+           'trainer_precision', 'build_trainer_step', 'bench_trainer_step', 'bench_train', 'trainer_overhead',
+           'format_train_bench']
 
 # %% ../nbs/96_benchmarks.ipynb #0f62f793
-def time_calls(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> list[float]:
-    "Wall-clock seconds of each of `repeats` calls of fn(), after `warmup` calls that are not timed."
+def _check_repeats(repeats: int, warmup: int) -> None:
     if repeats < 1 or warmup < 0:
         raise CourseError(f"repeats={repeats}, warmup={warmup}: time at least one call (repeats >= 1) "
                           f"and use warmup >= 0.")
+
+
+def time_calls(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> list[float]:
+    "Wall-clock seconds of each of `repeats` calls of fn(), after `warmup` calls that are not timed."
+    _check_repeats(repeats, warmup)
     for _ in range(warmup):
         fn()
     seconds = []
@@ -34,6 +45,17 @@ def time_calls(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> l
         fn()
         seconds.append(time.perf_counter() - start)
     return seconds
+
+# %% ../nbs/96_benchmarks.ipynb #9baa2a8c
+def time_interleaved(fns: Sequence[Callable[[], object]], repeats: int = 5, warmup: int = 1) -> list[list[float]]:
+    """`time_calls` for several functions taking turns: `warmup` untimed rounds, then `repeats` timed rounds, each
+    calling every function once. Returns the seconds of each function, in the order of `fns`."""
+    _check_repeats(repeats, warmup)
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    rounds = [[time_calls(fn, repeats=1, warmup=0)[0] for fn in fns] for _ in range(repeats)]
+    return [list(seconds) for seconds in zip(*rounds)]
 
 # %% ../nbs/96_benchmarks.ipynb #0a2b8782
 @dataclass
@@ -133,10 +155,15 @@ def _check_precision(precision: str) -> None:
         raise CourseError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}; pick one of those.")
 
 
+def precision_dtype_name(precision: str) -> str:
+    "The name (in DTYPES) of the dtype the matmuls of `precision` run in: the peak MFU is measured against."
+    _check_precision(precision)
+    return "fp32" if precision == "fp32" else "bf16"
+
+
 def precision_dtype(precision: str) -> torch.dtype:
     "The dtype the matmuls of `precision` run in (the peak MFU is measured against)."
-    _check_precision(precision)
-    return torch.float32 if precision == "fp32" else torch.bfloat16
+    return DTYPES[precision_dtype_name(precision)]
 
 
 def bench_config(preset: str, block_size: int):
@@ -144,6 +171,13 @@ def bench_config(preset: str, block_size: int):
     from openllm_edu.model import GPTConfig
     config = GPTConfig.preset(preset)
     return config if block_size <= config.block_size else GPTConfig.preset(preset, block_size=block_size)
+
+
+def bench_gpt(preset: str, block_size: int, device: str = "cpu", seed: int = 0) -> torch.nn.Module:
+    "GPT(bench_config(preset, block_size)) initialised from `seed`, on `device`, in training mode."
+    from openllm_edu.model import GPT
+    torch.manual_seed(seed)
+    return GPT(bench_config(preset, block_size)).to(device).train()
 
 
 def make_train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str) -> Callable[[], None]:
@@ -164,27 +198,46 @@ def make_train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, pr
     return step
 
 
+def build_bare_step(preset: str, block_size: int, batch_size: int, precision: str, device: str = "cpu",
+                    seed: int = 0) -> Callable[[], None]:
+    "`make_train_step` of GPT(preset) on one fixed batch of batch_size × block_size random tokens."
+    _check_precision(precision)  # before building a model for nothing
+    model = bench_gpt(preset, block_size, device, seed)
+    x, y = torch.randint(0, model.config.vocab_size, (2, batch_size, block_size), device=device)
+    return make_train_step(model, x, y, precision)
+
+
+def time_training_steps(step_fns: Sequence[Callable[[], None]], steps: int,
+                        warmup: int) -> list[tuple[float, list[float]]]:
+    """(first call, `steps` timed calls) of each step function, taking turns. The first call (kernel choice,
+    compilation) is kept apart and counts as one of the `warmup` steps."""
+    firsts = time_interleaved(step_fns, repeats=1, warmup=0)
+    repeats = time_interleaved(step_fns, repeats=steps, warmup=max(warmup - 1, 0))
+    return [(first, seconds) for [first], seconds in zip(firsts, repeats)]
+
+
+def step_timing(what: str, preset: str, block_size: int, batch_size: int, precision: str, first: float,
+                seconds: list[float], peak_gflops: float | None = None, device: str = "cpu") -> Timing:
+    """The Timing of a training step on batch_size × block_size tokens of GPT(preset), named
+    "{what} {preset} {batch}x{block}"; the peak is measured here for the precision's dtype when not given."""
+    from openllm_edu.model import flops_per_token
+    if peak_gflops is None:
+        peak_gflops = measure_matmul_peak(precision_dtype(precision), device=device)
+    tokens = batch_size * block_size
+    return Timing(f"{what} {preset} {batch_size}x{block_size}", precision, seconds,
+                  flops=flops_per_token(bench_config(preset, block_size), block_size) * tokens, tokens=tokens,
+                  peak_gflops=peak_gflops, first_seconds=first)
+
+
 def bench_train_step(preset: str = "small", block_size: int = 256, batch_size: int = 8, precision: str = "fp32",
                      steps: int = 5, warmup: int = 2, peak_gflops: float | None = None, device: str = "cpu",
                      seed: int = 0) -> Timing:
     """Time forward + backward + AdamW steps of GPT(preset) on batch_size × block_size random tokens. The first
     `warmup` steps are not in `seconds` (the first is kept as `first_seconds`). MFU is against `peak_gflops`,
     measured here for the precision's dtype when not given."""
-    from openllm_edu.model import GPT, flops_per_token
-    _check_precision(precision)
-    config = bench_config(preset, block_size)
-    torch.manual_seed(seed)
-    model = GPT(config).to(device).train()
-    x, y = torch.randint(0, config.vocab_size, (2, batch_size, block_size), device=device)
-    step = make_train_step(model, x, y, precision)
-    first = time_calls(step, repeats=1, warmup=0)[0]
-    seconds = time_calls(step, repeats=steps, warmup=max(warmup - 1, 0))
-    if peak_gflops is None:
-        peak_gflops = measure_matmul_peak(precision_dtype(precision), device=device)
-    tokens = batch_size * block_size
-    return Timing(f"train {preset} {batch_size}x{block_size}", precision, seconds,
-                  flops=flops_per_token(config, block_size) * tokens, tokens=tokens,
-                  peak_gflops=peak_gflops, first_seconds=first)
+    step = build_bare_step(preset, block_size, batch_size, precision, device, seed)
+    [(first, seconds)] = time_training_steps([step], steps, warmup)
+    return step_timing("train", preset, block_size, batch_size, precision, first, seconds, peak_gflops, device)
 
 # %% ../nbs/96_benchmarks.ipynb #02604989
 def bench_generation(preset: str = "small", new_tokens: int = 256, use_cache: bool = True, prompt_tokens: int = 8,
@@ -210,6 +263,26 @@ def bench_generation(preset: str = "small", new_tokens: int = 256, use_cache: bo
                   first_seconds=first)
 
 # %% ../nbs/96_benchmarks.ipynb #90724a7b
+def fastest_matmuls(sizes: Sequence[int] = (1024, 2048), device: str = "cpu",
+                    best_so_far: dict[str, Timing] | None = None) -> dict[str, Timing]:
+    """The fastest n×n matmul over `sizes` in each dtype of DTYPES: the peaks of a benchmark. Given the peaks
+    measured earlier in the run, keeps the faster of old and new: a busy moment must not lower the yardstick
+    (which would make every MFU look too good)."""
+    peaks = {}
+    for name, dtype in DTYPES.items():
+        candidates = [time_matmul(dtype, n, device=device) for n in sizes]
+        if best_so_far is not None:
+            candidates.append(best_so_far[name])
+        peaks[name] = max(candidates, key=lambda t: t.gflops)
+    return peaks
+
+
+def use_peaks(rows: Sequence[Timing], peaks: dict[str, Timing]) -> None:
+    "Set each row's peak to the matmul peak of its precision's dtype."
+    for row in rows:
+        row.peak_gflops = peaks[precision_dtype_name(row.precision)].gflops
+
+
 def bench_model(preset: str = "small", block_size: int = 256, batch_size: int = 8,
                 precisions: Sequence[str] = PRECISIONS, steps: int = 5, warmup: int = 2, new_tokens: int = 256,
                 generation_repeats: int = 2, matmul_sizes: Sequence[int] = (1024, 2048), device: str = "cpu",
@@ -221,18 +294,12 @@ def bench_model(preset: str = "small", block_size: int = 256, batch_size: int = 
         _check_precision(precision)
     if reuse_memory:
         reuse_freed_memory()
-
-    def fastest_matmul(dtype):
-        return max((time_matmul(dtype, n, device=device) for n in matmul_sizes), key=lambda t: t.gflops)
-
-    peaks = {name: fastest_matmul(dtype) for name, dtype in DTYPES.items()}
-    dtype_name = lambda precision: "fp32" if precision == "fp32" else "bf16"
+    peaks = fastest_matmuls(matmul_sizes, device)
     steps_timed = [bench_train_step(preset, block_size, batch_size, precision, steps, warmup,
-                                    peaks[dtype_name(precision)].gflops, device, seed) for precision in precisions]
-    for name, dtype in DTYPES.items():  # again after the steps, keeping the best: a busy moment must not
-        peaks[name] = max(peaks[name], fastest_matmul(dtype), key=lambda t: t.gflops)  # lower the yardstick
-    for row in steps_timed:
-        row.peak_gflops = peaks[dtype_name(row.precision)].gflops
+                                    peaks[precision_dtype_name(precision)].gflops, device, seed)
+                   for precision in precisions]
+    peaks = fastest_matmuls(matmul_sizes, device, best_so_far=peaks)  # again after the steps, keeping the best
+    use_peaks(steps_timed, peaks)
     rows = list(peaks.values()) + steps_timed
     if new_tokens:
         for use_cache in (False, True):
@@ -247,19 +314,129 @@ def kv_cache_speedup(rows: Sequence[Timing]) -> float | None:
     return speed[False] / speed[True] if len(speed) == 2 else None
 
 
-def format_model_bench(rows: Sequence[Timing]) -> str:
-    "The rows of `bench_model` as a text table."
+def timing_table(rows: Sequence[Timing], extra_header: str = "",
+                 extra: Callable[[Timing], str] = lambda row: "") -> list[str]:
+    "The lines of a benchmark table: a title, the header and one line per row; `extra` adds columns on the right."
     lines = [f"torch {torch.__version__}, {torch.get_num_threads()} threads; rates use the best repeat",
              f"{'what':34} {'precision':12} {'first s':>8} {'best s':>8} {'median s':>9} {'spread':>7} "
-             f"{'tokens/s':>9} {'GFLOP/s':>8} {'MFU':>6}"]
+             f"{'tokens/s':>9} {'GFLOP/s':>8} {'MFU':>6} {extra_header}".rstrip()]
     for r in rows:
         first = "" if r.first_seconds is None else f"{r.first_seconds:8.2f}"
         tokens = f"{r.tokens_per_s:9,.0f}" if r.tokens else ""
         gflops = f"{r.gflops:8.1f}" if r.flops else ""
         mfu = "" if r.mfu is None else f"{r.mfu:6.1%}"
         lines.append(f"{r.what:34} {r.precision:12} {first:>8} {r.best:8.3f} {r.median:9.3f} {r.spread:7.0%} "
-                     f"{tokens:>9} {gflops:>8} {mfu:>6}")
+                     f"{tokens:>9} {gflops:>8} {mfu:>6} {extra(r)}".rstrip())
+    return lines
+
+
+def format_model_bench(rows: Sequence[Timing]) -> str:
+    "The rows of `bench_model` as a text table."
+    lines = timing_table(rows)
     speedup = kv_cache_speedup(rows)
     if speedup is not None:
         lines.append(f"KV cache: generation {speedup:.1f}x faster")
+    return "\n".join(lines)
+
+# %% ../nbs/96_benchmarks.ipynb #5f64eafc
+def synthetic_train_data(vocab_size: int, tokens: int = 1 << 20, seed: int = 0):
+    """A TrainData of random token ids (90% train, 10% validation) standing in for a prepared data folder.
+    Random ids are no text: val_bytes counts one byte per token."""
+    from openllm_edu.data import token_dtype
+    from openllm_edu.trainer import TrainData
+    ids = np.random.default_rng(seed).integers(0, vocab_size, tokens).astype(token_dtype(vocab_size))
+    train, val = ids[: tokens * 9 // 10], ids[tokens * 9 // 10:]
+    return TrainData(train=train, val=val, val_bytes=len(val), vocab_size=vocab_size,
+                     tokenizer_fingerprint="synthetic")
+
+
+def trainer_precision(precision: str) -> dict:
+    "The TrainConfig fields of a benchmark precision: bf16-compile is bf16 with compile=True."
+    _check_precision(precision)
+    return dict(precision="fp32" if precision == "fp32" else "bf16", compile=precision == "bf16-compile")
+
+
+def build_trainer_step(preset: str, block_size: int, batch_size: int, precision: str, out_dir: str | Path,
+                       device: str = "cpu", seed: int = 0) -> Callable[[], None]:
+    """`Trainer.train_step` (sampler, schedule, clipping, AdamW) of the same GPT as `build_bare_step`, on
+    synthetic data, as a function. The Trainer's defaults are kept (grad_clip=1.0, weight decay, cosine schedule)."""
+    from openllm_edu.trainer import TrainConfig, Trainer
+    settings = trainer_precision(precision)
+    model = bench_gpt(preset, block_size, device, seed)
+    config = TrainConfig(model=preset, block_size=block_size, batch_size=batch_size, device=device, seed=seed,
+                         out_dir=str(out_dir), eval_every=0, progress=False, tensorboard=False, **settings)
+    trainer = Trainer(config, model=model, data=synthetic_train_data(model.config.vocab_size, seed=seed))
+
+    def step():
+        trainer.train_step()
+        _synchronize(device)
+
+    return step
+
+
+def bench_trainer_step(preset: str = "small", block_size: int = 256, batch_size: int = 8, precision: str = "fp32",
+                       steps: int = 5, warmup: int = 2, peak_gflops: float | None = None, device: str = "cpu",
+                       seed: int = 0) -> Timing:
+    """`bench_train_step` for the Trainer's full step: the same model, batch size and precision, the same FLOPs
+    counted, so the two rates compare directly."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        step = build_trainer_step(preset, block_size, batch_size, precision, out_dir, device, seed)
+        [(first, seconds)] = time_training_steps([step], steps, warmup)
+    return step_timing("Trainer.train_step", preset, block_size, batch_size, precision, first, seconds,
+                       peak_gflops, device)
+
+# %% ../nbs/96_benchmarks.ipynb #990574dc
+TRAINER_OVERHEAD_TARGET = 0.05  # the Trainer's step may cost at most 5% more than the bare step
+
+
+def bench_train(preset: str = "small", block_size: int = 256, batch_size: int = 8,
+                precisions: Sequence[str] = PRECISIONS, steps: int = 8, warmup: int = 2,
+                matmul_sizes: Sequence[int] = (1024, 2048), device: str = "cpu", seed: int = 0,
+                reuse_memory: bool = True) -> list[Timing]:
+    """Matmul peaks (fp32, bf16), then for each precision the bare step and the Trainer's step, timed in turns
+    (MFU against the peak of the precision's dtype); the rows of `format_train_bench`."""
+    for precision in precisions:
+        _check_precision(precision)
+    if reuse_memory:
+        reuse_freed_memory()
+    peaks = fastest_matmuls(matmul_sizes, device)
+    steps_timed = []
+    with tempfile.TemporaryDirectory() as out_dir:
+        for precision in precisions:
+            bare = build_bare_step(preset, block_size, batch_size, precision, device, seed)
+            trainer = build_trainer_step(preset, block_size, batch_size, precision, out_dir, device, seed)
+            for what, (first, seconds) in zip(("train", "Trainer.train_step"),
+                                              time_training_steps([bare, trainer], steps, warmup)):
+                steps_timed.append(step_timing(what, preset, block_size, batch_size, precision, first, seconds,
+                                               peaks[precision_dtype_name(precision)].gflops, device))
+            del bare, trainer  # free both models before building the next two
+    peaks = fastest_matmuls(matmul_sizes, device, best_so_far=peaks)
+    use_peaks(steps_timed, peaks)
+    return list(peaks.values()) + steps_timed
+
+
+def _step_kind(row: Timing) -> str:
+    return row.what.split()[0]  # "train" (the bare step), "Trainer.train_step" or "matmul"
+
+
+def trainer_overhead(rows: Sequence[Timing]) -> dict[str, float]:
+    "Per precision with both steps in `rows`: the Trainer step's best time over the bare step's, minus one."
+    best = {(_step_kind(r), r.precision): r.best for r in rows}
+    return {precision: seconds / best["train", precision] - 1 for (kind, precision), seconds in best.items()
+            if kind == "Trainer.train_step" and ("train", precision) in best}
+
+
+def format_train_bench(rows: Sequence[Timing]) -> str:
+    "The rows of `bench_train` as a text table, with the Trainer's overhead and whether it meets the target."
+    overhead = trainer_overhead(rows)
+
+    def against_bare(row: Timing) -> str:
+        if _step_kind(row) != "Trainer.train_step" or row.precision not in overhead:
+            return ""
+        met = "met" if overhead[row.precision] <= TRAINER_OVERHEAD_TARGET else "not met"
+        return f"{overhead[row.precision]:+8.1%} {met:>8}"
+
+    lines = timing_table(rows, f"{'vs bare':>8} {'target':>8}", against_bare)
+    lines.append(f"target: Trainer.train_step at most {TRAINER_OVERHEAD_TARGET:.0%} slower than the bare step "
+                 "(train) of the same run")
     return "\n".join(lines)

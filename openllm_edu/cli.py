@@ -16,9 +16,10 @@ from .core import CourseError, atomic_write_text, environment_report, get_profil
 
 # %% auto #0
 __all__ = ['PROFILE_TRAINING', 'CHAR_BASELINE', 'SAMPLE_PROMPTS', 'HANDLERS', 'build_parser', 'cmd_doctor', 'cmd_tokenizer_train',
-           'cmd_data_prepare', 'cmd_bench_tokenizer', 'cmd_bench_model', 'cmd_bench_train', 'cmd_generate',
-           'cmd_instructor_release', 'cmd_grade', 'Recipe', 'main_job_recipe', 'prepare_main_data', 'run_main_job',
-           'write_samples', 'best_evaluation', 'finish_run', 'train_main_job', 'cmd_train', 'cmd_run', 'main']
+           'cmd_data_prepare', 'cmd_bench_tokenizer', 'cmd_bench_model', 'cmd_bench_train', 'cmd_bench_distributed',
+           'cmd_generate', 'cmd_instructor_release', 'cmd_grade', 'Recipe', 'main_job_recipe', 'prepare_main_data',
+           'run_main_job', 'write_samples', 'best_evaluation', 'finish_run', 'train_main_job', 'cmd_train',
+           'cmd_launch', 'cmd_run', 'main']
 
 # %% ../nbs/95_cli.ipynb #2a6ba9f3
 def _add_corpus(parser: argparse.ArgumentParser, flag: str, help_verb: str) -> None:
@@ -47,6 +48,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--compile", action="store_true", help="torch.compile the model")
     train.add_argument("--memory-budget-mb", type=float, help="halve the micro-batch while the estimated peak is above this")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    launch = commands.add_parser(
+        "launch", help="run `train` data-parallel in several processes with torchrun",
+        usage="openllm-edu launch --nproc-per-node N [--nnodes M --node-rank R --rdzv-endpoint HOST:PORT] train ...")
+    launch.add_argument("--nproc-per-node", type=int, default=1,
+                        help="processes on this machine: one per GPU, or a few on a CPU (default: 1)")
+    launch.add_argument("--nnodes", type=int, default=1, help="machines in the job (default: 1)")
+    launch.add_argument("--node-rank", type=int, default=0,
+                        help="this machine's number: 0 on the one at --rdzv-endpoint, then 1, 2, ...")
+    launch.add_argument("--rdzv-endpoint", metavar="HOST:PORT",
+                        help="node 0's address and a free port, the same on every node (with --nnodes > 1)")
+    launch.add_argument("--join-timeout", type=float, default=600.0,
+                        help="seconds to wait for the other nodes (default: 600)")
+    launch.add_argument("worker_args", nargs=argparse.REMAINDER, metavar="train ...", help="train, then its flags")
 
     run = commands.add_parser("run", help="only the data of the main job: tokenizer and token files")
     run.add_argument("--out", default="runs/main", help="output folder (default: runs/main)")
@@ -85,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench_train.add_argument("--block", type=int, default=256, help="sequence length (default: 256)")
     bench_train.add_argument("--batch", type=int, default=8, help="batch size (default: 8)")
     bench_train.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurement")
+
+    bench_dist = bench.add_parser("distributed", help="training tokens/s of 1, 2, ... data-parallel CPU processes")
+    bench_dist.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="world sizes (default: 1 2)")
+    bench_dist.add_argument("--preset", default="tiny", help="GPTConfig preset (default: tiny)")
+    bench_dist.add_argument("--block", type=int, default=256, help="sequence length (default: 256)")
+    bench_dist.add_argument("--batch", type=int, default=8, help="batch size of each process (default: 8)")
+    bench_dist.add_argument("--steps", type=int, default=10, help="timed steps (default: 10)")
 
     generate = commands.add_parser("generate", help="generate text from a saved model")
     generate.add_argument("--checkpoint", required=True, help="folder written by save_pretrained")
@@ -183,6 +205,17 @@ def cmd_bench_train(args) -> int:
     precisions = [p for p in PRECISIONS if not (args.no_compile and "compile" in p)]
     print(format_train_bench(bench_train(preset=args.preset, block_size=args.block, batch_size=args.batch,
                                          precisions=precisions)))
+    return 0
+
+
+def cmd_bench_distributed(args) -> int:
+    from openllm_edu.distributed import available_cores, bench_data_parallel, format_data_parallel_bench
+
+    rows = bench_data_parallel(args.processes, preset=args.preset, block_size=args.block, batch_size=args.batch,
+                               steps=args.steps)
+    print(f"{available_cores()} CPU cores, preset {args.preset}, block {args.block}, batch {args.batch} per process, "
+          "fp32, AdamW")
+    print(format_data_parallel_bench(rows))
     return 0
 
 
@@ -376,7 +409,9 @@ def _moved_run(resume: str | Path) -> dict:
 def train_main_job(preset: str | None = None, profile_name: str | None = None, out_dir: str | Path | None = None,
                    config_file: str | None = None, resume: str | Path | None = None, **overrides) -> dict:
     """`openllm-edu train`: prepare data and tokenizer if missing, train, evaluate, checkpoint, and write
-    runs/<name>/ (model/, checkpoints/, metrics.jsonl, loss.png, samples.txt, summary.json)."""
+    runs/<name>/ (model/, checkpoints/, metrics.jsonl, loss.png, samples.txt, summary.json). Under torchrun
+    every rank trains and rank 0 writes and returns the summary; the other ranks return None."""
+    from openllm_edu.distributed import DistributedContext, barrier, destroy_distributed, init_distributed
     from openllm_edu.trainer import Trainer, resolve_device, resolve_precision
     profile = get_profile(profile_name)
     start = time.perf_counter()
@@ -387,15 +422,23 @@ def train_main_job(preset: str | None = None, profile_name: str | None = None, o
         out = Path(out_dir or Path("runs") / (preset or profile.name))
         config = _run_config(recipe, out, config_file, overrides)
         resolve_precision(config.precision, resolve_device(config.device))  # refuse fp16 on CPU before any work
-        if config.data_dir == str(out / "data") and not (out / "data" / "report.json").is_file():
+        context = init_distributed(DistributedContext.from_env(device=config.device))
+        missing = config.data_dir == str(out / "data") and not (out / "data" / "report.json").is_file()
+        if missing and context.is_main:  # the other ranks wait at the barrier for the files
             print(f"preparing the default corpus and a {recipe.tokenizer} tokenizer in {out} ...", flush=True)
             prepare_main_data(out, recipe.tokenizer, recipe.vocab_size, profile)
+        barrier()
         trainer = Trainer(config)
-    trainer.fit()
-    summary = finish_run(trainer)
-    summary["seconds"] = time.perf_counter() - start
-    atomic_write_text(Path(summary["out_dir"]) / "summary.json", json.dumps(summary, indent=2) + "\n")
-    return summary
+    try:
+        trainer.fit()
+        if not trainer.distributed.is_main:
+            return None
+        summary = finish_run(trainer)
+        summary["seconds"] = time.perf_counter() - start
+        atomic_write_text(Path(summary["out_dir"]) / "summary.json", json.dumps(summary, indent=2) + "\n")
+        return summary
+    finally:
+        destroy_distributed()
 
 
 # %% ../nbs/95_cli.ipynb #e8671841
@@ -408,6 +451,8 @@ def cmd_train(args) -> int:
                  progress=False if args.no_progress else None)
     overrides = {name: value for name, value in flags.items() if value is not None}
     summary = train_main_job(args.preset, args.profile, args.out, args.config, args.resume, **overrides)
+    if summary is None:  # a rank other than 0: rank 0 reports
+        return 0
     out = summary["out_dir"]
     print(f"\nrun:      {out} ({summary['parameters']:,} parameters, {summary['precision']}, "
           f"{summary['steps']} steps in {summary['seconds']:.0f} s)")
@@ -417,6 +462,21 @@ def cmd_train(args) -> int:
     print(f"files:    {out}/model (openllm-edu generate --checkpoint {out}/model --prompt ...), checkpoints/, "
           "metrics.jsonl, loss.png, samples.txt, summary.json")
     return 0
+
+
+def cmd_launch(args) -> int:
+    from openllm_edu.distributed import cli_program, launch
+
+    if not args.worker_args:
+        raise CourseError("nothing to launch: add the command every process runs, e.g. "
+                          "`openllm-edu launch --nproc-per-node 2 train --max-steps 100`.")
+    if args.worker_args[0] != "train":
+        raise CourseError(f"launch runs `train` in every process, not {args.worker_args[0]!r}; put launch's own flags "
+                          "first: `openllm-edu launch --nproc-per-node 2 train [train flags]`.")
+    worker = (["--profile", args.profile] if args.profile else []) + args.worker_args
+    job = launch(cli_program(worker), args.nproc_per_node, args.nnodes, args.node_rank, args.rdzv_endpoint,
+                 join_timeout=args.join_timeout)
+    return job.returncode
 
 
 def cmd_run(args) -> int:
@@ -431,9 +491,11 @@ def cmd_run(args) -> int:
 
 # %% ../nbs/95_cli.ipynb #f2d2870f
 HANDLERS = {
-    ("doctor", None): cmd_doctor, ("train", None): cmd_train, ("run", None): cmd_run, ("data", "prepare"): cmd_data_prepare,
+    ("doctor", None): cmd_doctor, ("train", None): cmd_train, ("launch", None): cmd_launch, ("run", None): cmd_run,
+    ("data", "prepare"): cmd_data_prepare,
     ("tokenizer", "train"): cmd_tokenizer_train, ("bench", "tokenizer"): cmd_bench_tokenizer,
-    ("bench", "model"): cmd_bench_model, ("bench", "train"): cmd_bench_train, ("generate", None): cmd_generate,
+    ("bench", "model"): cmd_bench_model, ("bench", "train"): cmd_bench_train,
+    ("bench", "distributed"): cmd_bench_distributed, ("generate", None): cmd_generate,
     ("instructor", "release"): cmd_instructor_release, ("grade", None): cmd_grade,
 }
 

@@ -1,17 +1,20 @@
 """openllm_edu.bench: the arithmetic of FLOPs, MFU and the table is checked against hand-computed values, and
 every benchmark runs end to end on the tiny model. No speed is asserted here: speed targets are measured with
-`openllm-edu bench model`, never in tests."""
+`openllm-edu bench model` and `openllm-edu bench train`, never in tests."""
 import platform
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from openllm_edu.bench import (
-    PRECISIONS, Timing, bench_config, bench_generation, bench_model, bench_train_step, format_model_bench,
-    kv_cache_speedup, matmul_flops, measure_matmul_peak, model_flops_utilization, precision_dtype,
-    time_calls, time_matmul,
+    PRECISIONS, TRAINER_OVERHEAD_TARGET, Timing, bench_config, bench_generation, bench_model, bench_train,
+    bench_train_step, bench_trainer_step, build_trainer_step, fastest_matmuls, format_model_bench,
+    format_train_bench, kv_cache_speedup, matmul_flops, measure_matmul_peak, model_flops_utilization,
+    precision_dtype, precision_dtype_name, synthetic_train_data, time_calls, time_interleaved, time_matmul,
+    trainer_overhead, trainer_precision,
 )
 from openllm_edu.core import CourseError
 from openllm_edu.model import GPTConfig, flops_per_token
@@ -126,3 +129,113 @@ def test_reuse_freed_memory_in_a_fresh_process():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     on_glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert out == str(on_glibc)
+
+
+def test_time_interleaved_takes_turns():
+    calls = []
+    seconds_a, seconds_b = time_interleaved([lambda: calls.append("a"), lambda: calls.append("b")],
+                                            repeats=3, warmup=2)
+    assert "".join(calls) == "ab" * 5 and len(seconds_a) == len(seconds_b) == 3
+    assert time_interleaved([], repeats=2) == []
+    with pytest.raises(CourseError, match="repeats"):
+        time_interleaved([lambda: None], repeats=0)
+
+
+def test_fastest_matmuls_keeps_the_best_of_the_run():
+    peaks = fastest_matmuls((32,))
+    assert list(peaks) == ["fp32", "bf16"] and [p.precision for p in peaks.values()] == ["fp32", "bf16"]
+    unbeatable = {name: Timing("matmul 1x1", name, [1e-12], flops=1e6) for name in peaks}  # 1e9 GFLOP/s
+    kept = fastest_matmuls((32,), best_so_far=unbeatable)
+    assert all(kept[name] is unbeatable[name] for name in peaks)
+    assert [precision_dtype_name(p) for p in PRECISIONS] == ["fp32", "bf16", "bf16"]
+
+
+def test_trainer_precision_maps_compile_to_the_config():
+    assert [trainer_precision(p) for p in PRECISIONS] == [dict(precision="fp32", compile=False),
+                                                         dict(precision="bf16", compile=False),
+                                                         dict(precision="bf16", compile=True)]
+    with pytest.raises(CourseError, match="precision='fp16'"):
+        trainer_precision("fp16")
+
+
+def test_synthetic_train_data_is_reproducible_and_in_range():
+    data = synthetic_train_data(4096, tokens=1000, seed=1)
+    assert (len(data.train), len(data.val), data.val_bytes, data.vocab_size) == (900, 100, 100, 4096)
+    assert data.train.dtype == np.uint16 and int(data.train.max()) < 4096
+    assert np.array_equal(data.train, synthetic_train_data(4096, tokens=1000, seed=1).train)
+    assert not np.array_equal(data.train, synthetic_train_data(4096, tokens=1000, seed=2).train)
+
+
+def test_trainer_step_is_the_trainers_own_and_writes_nothing(tmp_path, monkeypatch):
+    from openllm_edu.trainer import Trainer
+    monkeypatch.chdir(tmp_path)  # nothing may land in the working folder either (runs/default)
+    seen = []
+    train_step = Trainer.train_step
+
+    def recording_train_step(trainer):
+        seen.append((trainer, train_step(trainer)))
+        return seen[-1][1]
+
+    monkeypatch.setattr(Trainer, "train_step", recording_train_step)
+    step = build_trainer_step("tiny", 32, 2, "bf16", tmp_path / "run")
+    step()
+    step()
+    trainer, metrics = seen[-1]
+    assert len(seen) == 2 and trainer.step == 2 and np.isfinite(metrics["train/loss"])
+    assert trainer.model.config == bench_config("tiny", 32) and trainer.precision == "bf16"
+    assert (trainer.config.batch_size, trainer.config.block_size, trainer.config.grad_clip) == (2, 32, 1.0)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_trainer_step_bench_on_tiny(precision):
+    t = bench_trainer_step("tiny", block_size=32, batch_size=2, precision=precision, steps=2, warmup=1,
+                           peak_gflops=50.0)
+    assert t.what == "Trainer.train_step tiny 2x32" and t.precision == precision
+    assert t.tokens == 64 and len(t.seconds) == 2 and t.first_seconds > 0
+    assert t.flops == flops_per_token(GPTConfig.preset("tiny"), 32) * 64  # as the bare step counts them
+    assert t.mfu == pytest.approx(t.gflops / 50.0)
+
+
+def test_bench_train_on_tiny():
+    rows = bench_train("tiny", block_size=32, batch_size=2, precisions=("fp32", "bf16"), steps=2, warmup=1,
+                       matmul_sizes=(32, 64), reuse_memory=False)
+    assert [(r.what, r.precision) for r in rows] == [
+        (rows[0].what, "fp32"), (rows[1].what, "bf16"),
+        ("train tiny 2x32", "fp32"), ("Trainer.train_step tiny 2x32", "fp32"),
+        ("train tiny 2x32", "bf16"), ("Trainer.train_step tiny 2x32", "bf16")]
+    assert rows[0].what.startswith("matmul") and rows[1].what.startswith("matmul")
+    assert all(len(r.seconds) == 2 and r.tokens == 64 and r.flops == rows[2].flops for r in rows[2:])
+    assert [r.peak_gflops for r in rows[2:]] == [rows[0].gflops] * 2 + [rows[1].gflops] * 2  # this run's peaks
+    overhead = trainer_overhead(rows)
+    assert overhead == {"fp32": rows[3].best / rows[2].best - 1, "bf16": rows[5].best / rows[4].best - 1}
+    lines = format_train_bench(rows).splitlines()
+    assert len(lines) == 2 + len(rows) + 1 and lines[-1].startswith("target:")
+    assert lines[1].split()[-4:] == ["MFU", "vs", "bare", "target"]
+    for line, precision in ((lines[5], "fp32"), (lines[7], "bf16")):
+        verdict = "met" if overhead[precision] <= TRAINER_OVERHEAD_TARGET else "not met"
+        assert line.endswith(f"{overhead[precision]:+.1%} {verdict:>8}")
+    assert lines[4].split()[-1] == f"{rows[2].mfu:.1%}"  # the bare step's row has no overhead
+    with pytest.raises(CourseError, match="precision='int8'"):
+        bench_train("tiny", precisions=("fp32", "int8"))
+
+
+def test_format_train_bench_by_hand():
+    rows = [
+        Timing("matmul 1024x1024", "fp32", [0.01], flops=2e9),
+        Timing("train small 8x256", "fp32", [2.0, 2.4], flops=400e9, tokens=2048, peak_gflops=250.0,
+               first_seconds=2.5),
+        Timing("Trainer.train_step small 8x256", "fp32", [2.5, 2.08], flops=400e9, tokens=2048,
+               peak_gflops=250.0, first_seconds=2.6),
+        Timing("train small 8x256", "bf16", [1.0], flops=400e9, tokens=2048, peak_gflops=800.0, first_seconds=1.0),
+        Timing("Trainer.train_step small 8x256", "bf16", [1.08], flops=400e9, tokens=2048, peak_gflops=800.0,
+               first_seconds=1.1),
+        Timing("Trainer.train_step small 8x256", "bf16-compile", [0.9], flops=400e9, tokens=2048),  # no bare row
+    ]
+    assert trainer_overhead(rows) == pytest.approx({"fp32": 0.04, "bf16": 0.08})  # best 2.08 / 2.0, 1.08 / 1.0
+    lines = format_train_bench(rows).splitlines()
+    assert lines[3].split() == ["train", "small", "8x256", "fp32", "2.50", "2.000", "2.200", "20%", "1,024",
+                                "200.0", "80.0%"]
+    assert lines[4].split()[-5:] == ["985", "192.3", "76.9%", "+4.0%", "met"]  # 2048 tokens, 400 GFLOP in 2.08 s
+    assert lines[6].split()[-4:] == ["46.3%", "+8.0%", "not", "met"]
+    assert lines[7].split()[-1] == "444.4" and len(lines) == 2 + len(rows) + 1
