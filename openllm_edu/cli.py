@@ -358,8 +358,11 @@ def write_samples(model, tokenizer, path: Path, prompts=SAMPLE_PROMPTS, max_new_
                   seed: int = 0) -> str:
     "A few seeded samples after each prompt, written to `path`."
     from openllm_edu.generate import GenerationConfig, generate_text
-    config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.8, top_k=50, seed=seed)
-    text = "".join(f"--- {prompt!r}\n{prompt}{generate_text(model, tokenizer, prompt, config)}\n\n" for prompt in prompts)
+    def sample(i: int, prompt: str) -> str:
+        config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.8, top_k=50, seed=seed + i)
+        return f"--- {prompt!r}\n{prompt}{generate_text(model, tokenizer, prompt, config)}\n\n"
+
+    text = "".join(sample(i, prompt) for i, prompt in enumerate(prompts))
     atomic_write_text(path, text)
     return text
 
