@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_train.add_argument("--block", type=int, default=256, help="sequence length (default: 256)")
     bench_train.add_argument("--batch", type=int, default=8, help="batch size (default: 8)")
     bench_train.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurement")
+    bench_train.add_argument("--steps", type=int, default=20,
+                             help="timed steps of each kind (default: 20; fewer are noisy on a CPU)")
 
     bench_dist = bench.add_parser("distributed", help="training tokens/s of 1, 2, ... data-parallel CPU processes")
     bench_dist.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="world sizes (default: 1 2)")
@@ -202,9 +204,11 @@ def cmd_bench_model(args) -> int:
 def cmd_bench_train(args) -> int:
     from openllm_edu.bench import PRECISIONS, bench_train, format_train_bench
 
+    if args.steps < 1:
+        raise CourseError(f"--steps {args.steps}: time at least 1 step of each kind (20 give steady numbers).")
     precisions = [p for p in PRECISIONS if not (args.no_compile and "compile" in p)]
     print(format_train_bench(bench_train(preset=args.preset, block_size=args.block, batch_size=args.batch,
-                                         precisions=precisions)))
+                                         precisions=precisions, steps=args.steps)))
     return 0
 
 

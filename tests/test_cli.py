@@ -289,3 +289,12 @@ def test_char_baseline_is_nanogpts_recipe_on_our_model(tmp_path):
     vocab = json.loads((tmp_path / "base" / "data" / "train.json").read_text())["vocab_size"]
     expected = GPT(GPTConfig(vocab_size=vocab, block_size=64, n_layer=4, n_head=4, n_embd=128, bias=False))
     assert json.loads((tmp_path / "base" / "summary.json").read_text())["parameters"] == expected.num_params()
+
+
+def test_bench_train_prints_the_trainer_against_the_bare_step():
+    done = openllm_edu("bench", "train", "--preset", "tiny", "--block", 32, "--batch", 2, "--steps", 1, "--no-compile")
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith(("train tiny", "Trainer.train_step tiny"))]
+    assert [row.split()[0] for row in rows] == ["train", "Trainer.train_step"] * 2
+    assert "vs bare" in done.stdout and "target" in done.stdout
+    assert_clean_error(openllm_edu("bench", "train", "--preset", "tiny", "--steps", 0), "--steps")
