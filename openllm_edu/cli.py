@@ -380,6 +380,8 @@ def best_evaluation(rows: list[dict]) -> dict | None:
 def finish_run(trainer) -> dict:
     "After fit: the best checkpoint's weights saved as model/ for `generate`, loss curves, samples; a summary."
     from openllm_edu.model import _unwrap
+    import matplotlib.pyplot as plt
+
     from openllm_edu.trainer import Checkpointer, plot_training, read_metrics
     out = Path(trainer.config.out_dir)
     best_path = out / "checkpoints" / "best.pt"
@@ -388,7 +390,7 @@ def finish_run(trainer) -> dict:
     tokenizer = _tokenizer_for(trainer.config)
     trainer.save_pretrained(out / "model", tokenizer)
     rows = read_metrics(out / "metrics.jsonl")
-    plot_training(rows, out / "loss.png")
+    plt.close(plot_training(rows, out / "loss.png"))  # saved; no window to show it in
     if tokenizer is not None:
         write_samples(_unwrap(trainer.model).eval(), tokenizer, out / "samples.txt")
     best = best_evaluation(rows) or {}
@@ -401,18 +403,6 @@ def finish_run(trainer) -> dict:
     return summary
 
 
-def _moved_run(resume: str | Path) -> dict:
-    "A resumed run writes where its checkpoint is now, and reads its own data from there, even if moved."
-    from openllm_edu.trainer import Checkpointer
-    checkpoint = Checkpointer.find(resume)
-    saved = Checkpointer.load(checkpoint)["config"]
-    run_dir = checkpoint.parent.parent  # <run>/checkpoints/step_XXXXXXXX.pt
-    moved = {"out_dir": str(run_dir)}
-    if Path(saved["data_dir"]) == Path(saved["out_dir"]) / "data":
-        moved["data_dir"] = str(run_dir / "data")
-    return moved
-
-
 def train_main_job(preset: str | None = None, profile_name: str | None = None, out_dir: str | Path | None = None,
                    config_file: str | None = None, resume: str | Path | None = None, **overrides) -> dict:
     """`openllm-edu train`: prepare data and tokenizer if missing, train, evaluate, checkpoint, and write
@@ -423,7 +413,7 @@ def train_main_job(preset: str | None = None, profile_name: str | None = None, o
     profile = get_profile(profile_name)
     start = time.perf_counter()
     if resume is not None:
-        trainer = Trainer.resume(resume, **_moved_run(resume), **overrides)
+        trainer = Trainer.resume(resume, **overrides)
     else:
         recipe = main_job_recipe(preset, profile)
         out = Path(out_dir or Path("runs") / (preset or profile.name))

@@ -452,20 +452,19 @@ ALL_REDUCE_CHECK = ["-c", "import sys; from openllm_edu.distributed import all_r
 # %% ../nbs/09_distributed.ipynb #beac5e15
 def _time_training(context: DistributedContext, preset: str, vocab_size: int, block_size: int, batch_size: int,
                    steps: int, warmup: int) -> float:
+    from openllm_edu.bench import make_train_step  # the benchmarks' bare step: forward, backward, AdamW
     torch.manual_seed(0)
     config = GPTConfig.preset(preset, vocab_size=vocab_size, block_size=block_size)
     model = wrap_model(GPT(config), context)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     generator = torch.Generator().manual_seed(rank_seed(0, context.rank))
     x = torch.randint(0, vocab_size, (batch_size, block_size), generator=generator)
-    for step in range(warmup + steps):
-        if step == warmup:
-            barrier()
-            began = time.perf_counter()
-        _, loss = model(x, x)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    step = make_train_step(model, x, x, "fp32")
+    for _ in range(warmup):
+        step()
+    barrier()  # every rank starts the clock together and stops it when the slowest is done
+    began = time.perf_counter()
+    for _ in range(steps):
+        step()
     barrier()
     return time.perf_counter() - began
 

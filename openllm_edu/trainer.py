@@ -448,6 +448,17 @@ def build_model(config: TrainConfig, vocab_size: int) -> GPT:
                                                  **config.model_overrides}))
 
 
+def _run_folder_now(checkpoint: Path, saved: dict) -> dict:
+    "out_dir, and data_dir when the data lived inside the run folder, moved to where `checkpoint` is now."
+    if checkpoint.parent.name != "checkpoints":  # a checkpoint file taken out of its run folder
+        return {}
+    run_dir = checkpoint.parent.parent
+    moved = {"out_dir": str(run_dir)}
+    if Path(saved["data_dir"]) == Path(saved["out_dir"]) / "data":
+        moved["data_dir"] = str(run_dir / "data")
+    return moved
+
+
 class Trainer:
     "Model + data + optimizer + schedule + checkpointer + loggers, and the loop that drives them."
 
@@ -596,9 +607,12 @@ class Trainer:
 
     @classmethod
     def resume(cls, path: str | Path, callbacks=(), **overrides) -> Trainer:
-        "A trainer continuing the run saved at `path` (checkpoint file, checkpoint folder or run folder)."
-        state = Checkpointer.load(path)
-        trainer = cls(TrainConfig.from_dict({**state["config"], **overrides}), callbacks=callbacks)
+        """A trainer continuing the run saved at `path` (checkpoint file, checkpoint folder or run folder), in the
+        run folder where the checkpoint is now, even if the folder was moved."""
+        checkpoint = Checkpointer.find(path)
+        state = Checkpointer.load(checkpoint)
+        config = {**state["config"], **_run_folder_now(checkpoint, state["config"]), **overrides}
+        trainer = cls(TrainConfig.from_dict(config), callbacks=callbacks)
         trainer.load_state_dict(state)
         return trainer
 

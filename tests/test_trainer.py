@@ -349,3 +349,18 @@ def test_a_batch_larger_than_the_data_is_refused(data_dir, tmp_path):
     with pytest.raises(CourseError, match="training split"):
         Trainer(make_config(data_dir, tmp_path / "big", batch_size=4096, block_size=32))
     assert not (tmp_path / "big").exists()
+
+
+def test_resume_continues_in_the_folder_the_run_was_moved_to(data_dir, tmp_path):
+    import shutil
+
+    Trainer(make_config(data_dir, tmp_path / "first", max_steps=4, eval_every=0)).fit()
+    shutil.move(tmp_path / "first", tmp_path / "moved")
+    resumed = Trainer.resume(tmp_path / "moved", max_steps=6)
+    assert resumed.config.out_dir == str(tmp_path / "moved") and resumed.step == 4
+    resumed.fit()
+    assert (tmp_path / "moved" / "checkpoints" / "step_00000006.pt").is_file()
+    assert not (tmp_path / "first").exists()
+    loose = tmp_path / "step_00000006.pt"  # a checkpoint file outside any run folder keeps its saved out_dir
+    shutil.copy(tmp_path / "moved" / "checkpoints" / "step_00000006.pt", loose)
+    assert Trainer.resume(loose).config.out_dir == str(tmp_path / "moved")
