@@ -127,11 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     release.add_argument("--exercises", default=None, help="default: exercises/ beside settings.ini")
     release.add_argument("--check", action="store_true", help="only report differences; exit 1 if any")
 
-    grade = commands.add_parser("grade", help="grade a submission (.ipynb or jupytext .py)")
-    grade.add_argument("submission")
-    grade.add_argument("--json", action="store_true", help="print the report as JSON")
-    grade.add_argument("--assignment", help="e.g. 02_tokenizer (default: from the notebook or file name)")
-    grade.add_argument("--seed", type=int, default=None, help="seed of the hidden cases (default: random)")
+    grade = commands.add_parser("grade", help="grade a submission (.ipynb or jupytext .py) or a folder of them")
+    grade.add_argument("submission", help="a submission file, or a folder of a class's submissions")
+    grade.add_argument("--json", action="store_true", help="print the report as JSON (one file)")
+    grade.add_argument("--assignment", help="e.g. 02_tokenizer (default: from the file name; needed for a folder)")
+    grade.add_argument("--out", default=None, help="folder for the reports and gradebook.csv (needed for a folder)")
+    grade.add_argument("--jobs", type=int, default=1, help="submissions graded at once (a folder)")
+    grade.add_argument("--seed", type=int, default=None, help="seed of the hidden cases (default: from the secret)")
+    grade.add_argument("--secret-file", default=None, help="instructor secret (default: $OPENLLM_EDU_GRADER_SECRET)")
+    grade.add_argument("--private-tests", default=None, help="folder of private tests: <assignment>/<grade_id>.py")
     grade.add_argument("--solutions", default=None, help="default: solutions/ beside settings.ini")
     return parser
 
@@ -258,10 +262,22 @@ def cmd_instructor_release(args) -> int:
 
 
 def cmd_grade(args) -> int:
-    from openllm_edu.grading import grade
+    from openllm_edu.autograde import grade, grade_folder, read_secret
 
-    report = grade(args.submission, assignment=args.assignment, seed=args.seed,
-                   solutions_dir=_course_dir("solutions", args.solutions))
+    secret, solutions = read_secret(args.secret_file), _course_dir("solutions", args.solutions)
+    if Path(args.submission).is_dir():
+        if not args.assignment or not args.out:
+            raise CourseError("grading a folder needs --assignment NAME and --out FOLDER.")
+        if args.seed is not None:
+            raise CourseError("--seed is for one file; a class is graded with each student's own seed.")
+        show = lambda r: print(f"{r['student']}: " + (f"{r['report']['total']:g} / {r['report']['max_total']:g}"
+                                                      if "report" in r else f"not graded ({r['error']})"), flush=True)
+        book = grade_folder(args.submission, assignment=args.assignment, out=args.out, jobs=args.jobs,
+                            solutions_dir=solutions, secret=secret, private_tests=args.private_tests, on_result=show)
+        print(f"gradebook: {book}")
+        return 0
+    report = grade(args.submission, assignment=args.assignment, seed=args.seed, solutions_dir=solutions,
+                   secret=secret, private_tests=args.private_tests)
     print(report.to_json() if args.json else report)
     return 0
 

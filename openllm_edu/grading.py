@@ -4,14 +4,12 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import numbers
 import os
 import random
 import reprlib
 import sys
-import tempfile
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,11 +19,10 @@ from typing import Callable, Iterable
 from .core import CourseError, Settings, atomic_write_bytes, load_settings
 
 # %% auto #0
-__all__ = ['SEED_ENV', 'SOLUTION_BEGIN', 'SOLUTION_END', 'HIDDEN_BEGIN', 'HIDDEN_END', 'CODE_STUB', 'FILE_SIZE_LIMIT',
-           'short_repr', 'difference', 'expect_equal', 'grader_seed', 'Case', 'describe_exception',
+__all__ = ['SEED_ENV', 'RECIPE_HOOK', 'SOLUTION_BEGIN', 'SOLUTION_END', 'HIDDEN_BEGIN', 'HIDDEN_END', 'CODE_STUB', 'short_repr',
+           'difference', 'expect_equal', 'grader_seed', 'Case', 'in_submission', 'describe_exception',
            'check_against_reference', 'is_graded_cell', 'release_notebook', 'notebook_bytes', 'graded_points',
-           'check_points', 'course_dir', 'read_notebook', 'render_exercise', 'release', 'release_differences',
-           'load_submission', 'ItemResult', 'GradeReport', 'grade']
+           'check_points', 'course_dir', 'read_notebook', 'render_exercise', 'release', 'release_differences']
 
 # %% ../nbs/90_grading.ipynb #0594ff71
 def _module(name: str):
@@ -294,6 +291,19 @@ def _as_case(case) -> Case:
         return case
     return Case(case) if isinstance(case, tuple) else Case((case,))
 
+# %% ../nbs/90_grading.ipynb #e8e9634b
+import functools
+
+RECIPE_HOOK = "__openllm_edu_run_recipe__"  # what a grader's stand-in for a student function provides
+
+
+def in_submission(recipe: Callable, fn: Callable) -> Callable:
+    "`(*args, **kwargs) -> recipe(fn, *args, **kwargs)`, run in the process where `fn` lives."
+    run_remotely = getattr(type(fn), RECIPE_HOOK, None)
+    if run_remotely is not None:
+        return functools.partial(run_remotely, fn, recipe)
+    return functools.partial(recipe, fn)
+
 # %% ../nbs/90_grading.ipynb #ec56a301
 _PACKAGE_DIR = Path(sys.modules["openllm_edu.core"].__file__).resolve().parent
 _LIBRARY_DIRS = tuple({str(Path(p).resolve()) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
@@ -318,6 +328,8 @@ def _describe_location(frame: traceback.FrameSummary) -> str:
 
 def describe_exception(error: BaseException) -> str:
     "`Type: message (in function, cell N line L: `code`)`: an error as a student needs to read it."
+    if getattr(error, "submission_description", None):  # raised in the submission's process, described there
+        return error.submission_description
     text = f"{type(error).__name__}: {error}".rstrip(": ")
     frame = _student_frame(error.__traceback__)
     return f"{text} ({_describe_location(frame)})" if frame else text
@@ -378,9 +390,6 @@ def check_against_reference(student_fn: Callable, reference_fn: Callable, cases:
     return len(cases)
 
 # %% ../nbs/90_grading.ipynb #4b4a6c58
-import json
-
-
 def _nbgrader(cell) -> dict:
     return cell.get("metadata", {}).get("nbgrader", {}) or {}
 
@@ -556,416 +565,3 @@ def release_differences(solutions_dir, exercises_dir, settings: Settings | None 
                 differences.append(f"{path} has no solution notebook in {solutions_dir}: delete it "
                                    f"(or write {Path(solutions_dir) / path.name}).")
     return differences
-
-# %% ../nbs/90_grading.ipynb #1d472813
-import linecache
-import resource
-import selectors
-import shutil
-import signal
-import subprocess
-import time
-
-
-class _CellTimeout(BaseException):
-    "Raised by the cell timer; a BaseException so that a student's `except Exception` cannot swallow it."
-
-
-def _on_alarm(signum, frame):
-    raise _CellTimeout()
-
-
-FILE_SIZE_LIMIT = 256 * 2**20  # bytes any one file written by a submission may reach
-
-
-def _apply_limits(memory_limit_mb: int, cpu_seconds: int) -> None:
-    "Cap this process's address space, file sizes and CPU time (POSIX resource limits)."
-    for limit, value in ((resource.RLIMIT_AS, memory_limit_mb * 2**20), (resource.RLIMIT_FSIZE, FILE_SIZE_LIMIT),
-                         (resource.RLIMIT_CPU, cpu_seconds)):
-        soft, hard = resource.getrlimit(limit)
-        value = value if hard == resource.RLIM_INFINITY else min(value, hard)
-        try:
-            resource.setrlimit(limit, (value, hard))
-        except (ValueError, OSError):  # macOS refuses RLIMIT_AS: the wall clock still bounds the run
-            pass
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an oversized write then fails with OSError instead of killing us
-
-# %% ../nbs/90_grading.ipynb #91581539
-def _run_cell(source: str, label: str, namespace: dict, timeout: float) -> BaseException | None:
-    "Execute one cell in `namespace` under a timer; return the exception it raised, or None."
-    filename = f"<{label}>"
-    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-    try:
-        code = compile(source, filename, "exec")
-        signal.setitimer(signal.ITIMER_REAL, timeout)
-        try:
-            exec(code, namespace)
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-    except BaseException as error:  # SystemExit and KeyboardInterrupt from student code too
-        return error
-    return None
-
-
-def _strip_magics(source: str) -> str:
-    "Drop IPython-only lines (`%magic`, `!shell`), which are not Python."
-    return "\n".join("" if line.lstrip().startswith(("%", "!")) else line for line in source.split("\n"))
-
-# %% ../nbs/90_grading.ipynb #f868ba3c
-def _describe_failure(error: BaseException, label: str, timeout: float, memory_limit_mb: int) -> str:
-    if isinstance(error, _CellTimeout):
-        return f"timed out after {timeout:g} s (an infinite loop, or far too slow?)"
-    if isinstance(error, SyntaxError):
-        return f"SyntaxError: {error.msg} ({error.filename.strip('<>')} line {error.lineno}: `{(error.text or '').strip()}`)"
-    if isinstance(error, AssertionError):
-        if str(error):
-            return str(error)
-        frames = [f for f in traceback.extract_tb(error.__traceback__) if f.filename == f"<{label}>"]
-        line = frames[-1].line if frames else ""
-        return f"this check failed: `{line}`" if line else "a check failed"
-    if isinstance(error, NotImplementedError):
-        frame = _student_frame(error.__traceback__)
-        name = frame.name if frame and frame.name != "<module>" else "a function"
-        return f"{name} is not implemented yet: replace `raise NotImplementedError()` with your code."
-    if isinstance(error, MemoryError):
-        return f"MemoryError: more than the memory limit ({memory_limit_mb} MB) was needed ({describe_exception(error)})"
-    if isinstance(error, NameError):
-        return f"{describe_exception(error)}: define it in your notebook (did the cell defining it fail?)"
-    return describe_exception(error)
-
-# %% ../nbs/90_grading.ipynb #9c9a7728
-def _worker_main(argv: list[str] | None = None) -> None:
-    "Entry point of the grading child process: `_worker_main([job_path, result_fd])`."
-    job_path, result_fd = argv or sys.argv[1:3]
-    job = json.loads(Path(job_path).read_text(encoding="utf-8"))
-    Path(job_path).unlink()
-    results = os.fdopen(int(result_fd), "w", encoding="utf-8", buffering=1)
-
-    def send(**event):
-        results.write(json.dumps(event) + "\n")
-        results.flush()
-
-    while "" in sys.path:  # imports must not come from the submission's working folder
-        sys.path.remove("")
-    _apply_limits(job["memory_limit_mb"], job["cpu_seconds"])
-    signal.signal(signal.SIGALRM, _on_alarm)
-    timeout, memory = job["cell_timeout"], job["memory_limit_mb"]
-    namespace = {"__name__": "__main__", "__builtins__": __builtins__}
-    for cell in job["student_cells"]:
-        send(event="start", where=cell["label"])
-        try:
-            error = _run_cell(cell["source"], cell["label"], namespace, timeout)
-            if error is not None:
-                send(event="cell_error", where=cell["label"],
-                     error=_describe_failure(error, cell["label"], timeout, memory))
-        except _CellTimeout:  # the timer fired just as the cell ended
-            pass
-    for test in job["tests"]:
-        label = f"test {test['grade_id']}"
-        send(event="start", where=label, grade_id=test["grade_id"])
-        try:
-            error = _run_cell(test["source"], label, namespace, timeout)
-        except _CellTimeout as late:
-            error = late
-        send(event="item", grade_id=test["grade_id"], passed=error is None,
-             feedback="passed" if error is None else _describe_failure(error, label, timeout, memory))
-    send(event="done")
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-# %% ../nbs/90_grading.ipynb #1241c8fd
-@dataclass
-class _RunResult:
-    events: list[dict]
-    output: bytes
-    dropped_bytes: int
-    returncode: int | None
-    timed_out: bool
-    seconds: float
-
-
-def _child_env(seed: int, settings: Settings) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({SEED_ENV: str(seed), "OPENLLM_EDU_SETTINGS": str(settings.path), "OMP_NUM_THREADS": "1",
-                "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8",
-                "PYTHONDONTWRITEBYTECODE": "1", "CUDA_VISIBLE_DEVICES": ""})
-    return env
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _parse_event(line: bytes) -> dict | None:
-    try:
-        event = json.loads(line)
-    except ValueError:  # not from the worker: a submission wrote to the pipe
-        return None
-    return event if isinstance(event, dict) and "event" in event else None
-
-
-def _run_worker(job: dict, env: dict, wall_seconds: float, output_limit: int) -> _RunResult:
-    start = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="openllm-edu-grade-", ignore_cleanup_errors=True) as workdir:
-        job_path = Path(workdir) / "job.json"
-        job_path.write_text(json.dumps(job), encoding="utf-8")
-        read_fd, write_fd = os.pipe()
-        proc = subprocess.Popen(
-            [sys.executable, "-c", "from openllm_edu.grading import _worker_main; _worker_main()",
-             str(job_path), str(write_fd)],
-            cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            pass_fds=(write_fd,), start_new_session=True)
-        os.close(write_fd)
-        events, pending, output, dropped, timed_out = [], b"", bytearray(), 0, False
-        selector = selectors.DefaultSelector()
-        selector.register(read_fd, selectors.EVENT_READ)
-        selector.register(proc.stdout, selectors.EVENT_READ)
-        exited_at = None
-        try:
-            while selector.get_map():
-                now = time.monotonic()
-                if now - start > wall_seconds:
-                    timed_out = True
-                    break
-                if proc.poll() is not None:  # the child's own children may hold the pipes open: not for long
-                    exited_at = exited_at or now
-                    if now - exited_at > 2:
-                        break
-                for key, _ in selector.select(timeout=min(0.5, max(0.0, wall_seconds - (now - start)))):
-                    data = os.read(key.fd, 1 << 16)
-                    if not data:
-                        selector.unregister(key.fileobj)
-                    elif key.fileobj == read_fd:
-                        pending += data
-                        *lines, pending = pending.split(b"\n")
-                        events.extend(e for e in map(_parse_event, lines) if e is not None)
-                    else:
-                        keep = max(0, output_limit - len(output))
-                        output += data[:keep]
-                        dropped += len(data) - len(data[:keep])
-        finally:
-            _kill_group(proc)
-            proc.wait()
-            selector.close()
-            os.close(read_fd)
-            proc.stdout.close()
-    return _RunResult(events, bytes(output), dropped, proc.returncode, timed_out, time.monotonic() - start)
-
-# %% ../nbs/90_grading.ipynb #d6e6e723
-def _protected_files(solutions_dir: Path, settings: Settings) -> list[Path]:
-    package = [p for p in _PACKAGE_DIR.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
-    return sorted({*Path(solutions_dir).glob("*.ipynb"), settings.path, *package})
-
-
-def _snapshot(paths: Iterable[Path]) -> dict[Path, tuple[bytes, int]]:
-    "Each file's bytes and permission bits."
-    return {p: (p.read_bytes(), p.stat().st_mode & 0o777) for p in paths}
-
-
-def _restore(snapshot: dict[Path, tuple[bytes, int]], watch: Iterable[Path] = ()) -> list[str]:
-    "Put back every changed or deleted file, delete new files under `watch`; return what was touched."
-    touched = []
-    for path, (data, mode) in snapshot.items():
-        try:
-            same = path.is_file() and path.read_bytes() == data
-        except OSError:
-            same = False
-        if not same:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            atomic_write_bytes(path, data)
-            os.chmod(path, mode)
-            touched.append(f"{path} (changed or deleted; restored)")
-    for folder in watch:
-        for path in sorted(Path(folder).rglob("*"), reverse=True):  # files before their folders
-            if "__pycache__" in path.parts or path in snapshot:
-                continue
-            if path.is_file() or path.is_symlink():
-                path.unlink()
-                touched.append(f"{path} (created; removed)")
-            elif path.is_dir() and not any(path.iterdir()) and not any(p.is_relative_to(path) for p in snapshot):
-                path.rmdir()
-    return touched
-
-# %% ../nbs/90_grading.ipynb #5e6c192a
-def load_submission(path: str | Path) -> nbformat.NotebookNode:
-    "Read a submitted .ipynb notebook or jupytext percent .py script."
-    path = Path(path)
-    if not path.is_file():
-        raise CourseError(f"submission {path} does not exist; check the path.")
-    if path.suffix == ".ipynb":
-        return read_notebook(path)
-    if path.suffix == ".py":
-        import jupytext
-        try:
-            return jupytext.read(path, fmt="py:percent")
-        except Exception as e:  # jupytext raises many kinds of errors on malformed scripts
-            raise CourseError(f"{path} is not a readable jupytext percent script ({e}); "
-                              f"save the notebook as .ipynb and submit that.") from None
-    raise CourseError(f"{path}: a submission must be a .ipynb notebook or a jupytext percent .py script.")
-
-
-def _assignment_of(path: Path, nb: nbformat.NotebookNode, known: Iterable[str]) -> str:
-    recorded = nb.metadata.get("openllm_edu", {}).get("assignment")
-    if recorded:
-        return recorded
-    known = sorted(set(known), key=len, reverse=True)
-    matches = [stem for stem in known if stem in path.name]
-    matches = [m for m in matches if not any(m != other and m in other for other in matches)]
-    if len(matches) == 1:
-        return matches[0]
-    found = f"it matches {', '.join(matches)}" if matches else "its name contains none of them"
-    raise CourseError(f"cannot tell which assignment {path.name} is ({found}; known: {', '.join(sorted(known))}); "
-                      f"pass --assignment NAME.")
-
-# %% ../nbs/90_grading.ipynb #d82921fb
-def _student_cells(nb: nbformat.NotebookNode, released_tests: set[str]) -> list[dict]:
-    cells = []
-    for number, cell in enumerate(nb.cells, 1):
-        if cell.cell_type != "code" or is_graded_cell(cell) or cell.source.strip() in released_tests:
-            continue
-        cells.append({"label": f"cell {number}", "source": _strip_magics(cell.source)})
-    return cells
-
-
-def _instructor_tests(solution: nbformat.NotebookNode) -> list[dict]:
-    return [{"grade_id": _nbgrader(c)["grade_id"], "points": _nbgrader(c)["points"], "source": _strip_magics(c.source)}
-            for c in solution.cells if is_graded_cell(c)]
-
-# %% ../nbs/90_grading.ipynb #b539530f
-@dataclass
-class ItemResult:
-    grade_id: str
-    points: float
-    max_points: float
-    passed: bool
-    feedback: str
-
-
-@dataclass
-class GradeReport:
-    submission: str
-    assignment: str
-    seed: int
-    items: list[ItemResult]
-    cell_errors: list[str] = field(default_factory=list)
-    problem: str = ""  # what stopped the run early, if anything
-    tampered: list[str] = field(default_factory=list)
-    output: str = ""  # what the submission printed, up to the output limit
-    output_truncated: bool = False
-    dropped_output_bytes: int = 0
-    wall_seconds: float = 0.0
-
-    @property
-    def total(self) -> float:
-        return sum(item.points for item in self.items)
-
-    @property
-    def max_total(self) -> float:
-        return sum(item.max_points for item in self.items)
-
-    def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "total": self.total, "max_total": self.max_total}
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
-
-    def __str__(self) -> str:
-        lines = [f"{self.assignment}: {self.total:g} / {self.max_total:g} points  ({Path(self.submission).name})", ""]
-        width = max((len(item.grade_id) for item in self.items), default=0)
-        for item in self.items:
-            mark = "PASS" if item.passed else "FAIL"
-            lines.append(f"  [{mark}] {item.grade_id:<{width}}  {item.points:g} / {item.max_points:g}")
-            if not item.passed:
-                lines.extend(f"         {line}" for line in item.feedback.splitlines())
-        if self.problem:
-            lines += ["", f"The run stopped early: {self.problem}"]
-        if self.tampered:
-            lines += ["", "The submission changed the grader's files, so every item scores 0:"]
-            lines += [f"  {t}" for t in self.tampered]
-        if self.cell_errors:
-            lines += ["", "Errors in your cells (grading carried on after each):"]
-            lines += [f"  {e}" for e in self.cell_errors]
-        if self.output_truncated:
-            lines += ["", f"Your notebook printed too much: {self.dropped_output_bytes} bytes after the first "
-                          f"{len(self.output.encode())} were dropped. Print less."]
-        lines += ["", f"Graded in {self.wall_seconds:.1f} s with seed {self.seed} "
-                      f"(repeat with: openllm-edu grade {Path(self.submission).name} --seed {self.seed})."]
-        return "\n".join(lines)
-
-# %% ../nbs/90_grading.ipynb #0ddff243
-def _why_stopped(run: _RunResult, limits) -> str:
-    if not run.events and not run.timed_out:
-        tail = run.output.decode("utf-8", errors="replace").strip().splitlines()[-1:] or ["no output"]
-        return (f"the grading process failed before running any cell (exit status {run.returncode}: {tail[0]}); "
-                f"check that `python -c 'import openllm_edu.grading'` works.")
-    last = next((e["where"] for e in reversed(run.events) if e["event"] == "start"), "the first cell")
-    if run.timed_out:
-        return f"the submission timed out in {last} after {limits.timeout_seconds:g} s (an infinite loop?)"
-    code = run.returncode
-    if code is not None and code < 0:
-        name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
-        cause = {"SIGKILL": "killed, most likely for using too much memory",
-                 "SIGXCPU": "stopped for using more CPU time than allowed",
-                 "SIGSEGV": "crashed (segmentation fault)"}.get(name, f"killed by {name}")
-        return f"the process running the submission was {cause} in {last}"
-    return f"the process running the submission ended (exit status {code}) in {last}: does it call os._exit?"
-
-
-def _build_items(tests: list[dict], run: _RunResult, stop_reason: str, tampered: list[str]) -> list[ItemResult]:
-    scored = {e["grade_id"]: e for e in run.events if e["event"] == "item"}
-    items = []
-    for test in tests:
-        event = scored.get(test["grade_id"])
-        if tampered:
-            passed, feedback = False, "0 points: the submission changed the grader's files (see below)"
-        elif event is None:
-            passed, feedback = False, f"not run: {stop_reason}"
-        else:
-            passed, feedback = event["passed"], event["feedback"]
-        items.append(ItemResult(test["grade_id"], test["points"] if passed else 0, test["points"], passed, feedback))
-    return items
-
-# %% ../nbs/90_grading.ipynb #e723de06
-def grade(submission: str | Path, *, assignment: str | None = None, solutions_dir: str | Path | None = None,
-          seed: int | None = None, settings: Settings | None = None) -> GradeReport:
-    "Run `submission` in a limited child process and score each graded cell against solutions/<assignment>.ipynb."
-    settings = settings or load_settings()
-    submission = Path(submission)
-    solutions_dir = Path(solutions_dir) if solutions_dir is not None else course_dir(settings) / "solutions"
-    nb = load_submission(submission)
-    known = {p.stem for p in solutions_dir.glob("*.ipynb")} | set(settings.exercise_points)
-    assignment = assignment or _assignment_of(submission, nb, known)
-    solution_path = solutions_dir / f"{assignment}.ipynb"
-    if not solution_path.is_file():
-        raise CourseError(f"no solution notebook {solution_path} for assignment {assignment!r}; "
-                          f"pass --solutions DIR or a known --assignment.")
-    solution = read_notebook(solution_path)
-    check_points(solution, assignment, settings, where=str(solution_path))
-    tests = _instructor_tests(solution)
-    released = {c.source.strip() for c in release_notebook(solution, assignment).cells if is_graded_cell(c)}
-    seed = seed if seed is not None else random.SystemRandom().randrange(2**31)
-    limits = settings.grader
-    job = {"student_cells": _student_cells(nb, released), "tests": tests,
-           "cell_timeout": limits.cell_timeout_seconds, "memory_limit_mb": limits.memory_limit_mb,
-           "cpu_seconds": int(limits.timeout_seconds) + 10}
-
-    snapshot = _snapshot(_protected_files(solutions_dir, settings))
-    try:
-        run = _run_worker(job, _child_env(seed, settings), limits.timeout_seconds, limits.output_limit_kb * 1024)
-    finally:
-        tampered = _restore(snapshot, watch=[_PACKAGE_DIR])
-    finished = any(e["event"] == "done" for e in run.events)
-    stop_reason = "" if finished else _why_stopped(run, limits)
-    return GradeReport(
-        submission=str(submission), assignment=assignment, seed=seed,
-        items=_build_items(tests, run, stop_reason, tampered),
-        cell_errors=[f"{e['where']}: {e['error']}" for e in run.events if e["event"] == "cell_error"],
-        problem=stop_reason, tampered=tampered, output=run.output.decode("utf-8", errors="replace"),
-        output_truncated=run.dropped_bytes > 0, dropped_output_bytes=run.dropped_bytes,
-        wall_seconds=round(run.seconds, 3))
