@@ -351,13 +351,26 @@ def _judge(actual, expected, compare, atol, rtol) -> str | None:
     return "the result differs from the reference" if verdict is False else str(verdict)
 
 
+def _known_mistake(actual, case: Case, mistakes: dict, compare, atol, rtol) -> str:
+    "A hint line when `actual` is what one of the known wrong implementations gives on this case."
+    for hint, wrong_fn in (mistakes or {}).items():
+        try:
+            wrong = wrong_fn(*copy.deepcopy(case.args), **copy.deepcopy(case.kwargs))
+        except Exception:  # a mistake that fails on this input tells us nothing
+            continue
+        if _judge(actual, wrong, compare, atol, rtol) is None:
+            return f"\n  hint:     that is what {hint} gives"
+    return ""
+
+
 def check_against_reference(student_fn: Callable, reference_fn: Callable, cases: Iterable, *,
                             name: str | None = None, compare: Callable | None = None,
-                            atol: float = 0.0, rtol: float = 0.0) -> int:
+                            atol: float = 0.0, rtol: float = 0.0, mistakes: dict | None = None) -> int:
     """Call `student_fn` and `reference_fn` on (deep copies of) each case; raise AssertionError saying what
     differs on the first mismatch. A case is an argument tuple, a `Case`, or a single argument.
     `compare(actual, expected)` may replace `difference`: it returns None/True when fine, else False or a
-    message. Returns the number of cases checked."""
+    message. `mistakes` maps a common mistake ("the unbiased variance") to a function that makes it: a wrong
+    result that matches one gets that hint. Returns the number of cases checked."""
     name = name or getattr(student_fn, "__name__", "your function")
     if not callable(student_fn):
         raise AssertionError(f"{name} should be a function, got {_type_name(student_fn)}; "
@@ -386,7 +399,8 @@ def check_against_reference(student_fn: Callable, reference_fn: Callable, cases:
         problem = _judge(actual, expected, compare, atol, rtol)
         if problem:
             raise AssertionError(f"{header}  problem:  {problem}\n  expected: {short_repr(expected)}\n"
-                                 f"  got:      {short_repr(actual)}")
+                                 f"  got:      {short_repr(actual)}"
+                                 + _known_mistake(actual, case, mistakes, compare, atol, rtol))
     return len(cases)
 
 # %% ../nbs/90_grading.ipynb #4b4a6c58
