@@ -10,6 +10,7 @@ import os
 import random
 import reprlib
 import sys
+import threading
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,10 +20,11 @@ from typing import Callable, Iterable
 from .core import CourseError, Settings, atomic_write_bytes, load_settings
 
 # %% auto #0
-__all__ = ['SEED_ENV', 'RECIPE_HOOK', 'SOLUTION_BEGIN', 'SOLUTION_END', 'HIDDEN_BEGIN', 'HIDDEN_END', 'CODE_STUB', 'short_repr',
-           'difference', 'expect_equal', 'grader_seed', 'Case', 'in_submission', 'describe_exception',
-           'check_against_reference', 'is_graded_cell', 'release_notebook', 'notebook_bytes', 'graded_points',
-           'check_points', 'course_dir', 'read_notebook', 'render_exercise', 'release', 'release_differences']
+__all__ = ['SEED_ENV', 'grading_thread', 'RECIPE_HOOK', 'SOLUTION_BEGIN', 'SOLUTION_END', 'HIDDEN_BEGIN', 'HIDDEN_END',
+           'CODE_STUB', 'short_repr', 'difference', 'expect_equal', 'grader_seed', 'Case', 'in_submission',
+           'describe_exception', 'check_against_reference', 'is_graded_cell', 'release_notebook', 'notebook_bytes',
+           'graded_points', 'check_points', 'course_dir', 'read_notebook', 'render_exercise', 'release',
+           'release_differences']
 
 # %% ../nbs/90_grading.ipynb #0594ff71
 def _module(name: str):
@@ -263,11 +265,14 @@ def expect_equal(actual, expected, what: str, atol: float = 0.0, rtol: float = 0
 # %% ../nbs/90_grading.ipynb #c5fcb4b3
 SEED_ENV = "OPENLLM_EDU_GRADER_SEED"
 _process_seed: int | None = None
+grading_thread = threading.local()  # the grader sets .seed while it runs one submission's tests in this thread
 
 
 def grader_seed() -> int:
-    "Seed for hidden test cases: $OPENLLM_EDU_GRADER_SEED under the grader, else one random seed per process."
+    "Seed for hidden test cases: the grader's seed while it grades, else $OPENLLM_EDU_GRADER_SEED, else random."
     global _process_seed
+    if getattr(grading_thread, "seed", None) is not None:
+        return grading_thread.seed
     if os.environ.get(SEED_ENV):
         try:
             return int(os.environ[SEED_ENV])
@@ -405,7 +410,10 @@ def check_against_reference(student_fn: Callable, reference_fn: Callable, cases:
 
 # %% ../nbs/90_grading.ipynb #4b4a6c58
 def _nbgrader(cell) -> dict:
-    return cell.get("metadata", {}).get("nbgrader", {}) or {}
+    "A cell's nbgrader metadata; {} when it has none, or something that is not a dict (a damaged notebook)."
+    metadata = cell.get("metadata")
+    meta = metadata.get("nbgrader") if isinstance(metadata, dict) else None
+    return meta if isinstance(meta, dict) else {}
 
 
 def is_graded_cell(cell) -> bool:

@@ -436,6 +436,73 @@ def test_in_submission_runs_the_recipe_locally_outside_the_grader():
     assert in_submission(recipe, sum)(4) == (6, [0, 1, 2, 3])
 
 
+def test_check_against_reference_names_a_known_mistake():
+    import statistics
+    with pytest.raises(AssertionError, match="hint:     that is what the sample variance gives"):
+        check_against_reference(statistics.variance, statistics.pvariance, [([1.0, 2.0, 4.0],)], rtol=1e-9,
+                                mistakes={"the sample variance": statistics.variance, "zero": lambda xs: 0.0})
+
+
+def test_visible_asserts_say_what_differs(tmp_path, settings, solution):
+    wrong = "def running_sum(xs):\n    return [sum(xs[:i]) for i in range(len(xs))]"
+    path = script(tmp_path, "lou_99_toy.py", wrong, solution_code(solution, "softmax"), solution_code(solution, "histogram"))
+    report = grade(path, solutions_dir=FIXTURE / "solutions", settings=settings)
+    assert feedback(report, "running_sum").startswith("running_sum([1, 2, 3]): result[0]: 1 expected, got 0")
+
+
+def honest_with(solution, *extra) -> list[str]:
+    return [*extra, *all_solutions(solution)]
+
+
+def test_without_a_cgroup_memory_is_capped_by_rlimit_data(tmp_path, settings, solution, monkeypatch):
+    "Reserving address space is fine (a CUDA build of torch does it), using too much memory is not."
+    monkeypatch.setattr(sandbox.Cgroup, "create", classmethod(lambda cls, limits: None))
+    cells = honest_with(solution, "import mmap\nreserved = mmap.mmap(-1, 20 * 2**30)", "hog = b'x' * (3 * 2**30)")
+    report = grade(script(tmp_path, "max_99_toy.py", *cells), solutions_dir=FIXTURE / "solutions", settings=settings)
+    assert report.total == 5 and "RLIMIT_DATA" in report.isolation
+    assert len(report.cell_errors) == 1 and report.cell_errors[0].startswith("cell 3: MemoryError")
+
+
+@pytest.mark.skipif(sandbox.Cgroup.create(sandbox.Limits()) is None, reason="no cgroup can be made here (needs root)")
+def test_a_cgroup_caps_memory_without_capping_address_space(tmp_path, settings, solution):
+    cells = honest_with(solution, "import mmap\nreserved = mmap.mmap(-1, 20 * 2**30)",
+                        "import numpy\nlazy = numpy.zeros(5 * 2**30, dtype=numpy.uint8)  # calloc: not touched",
+                        "hog = b'x' * (3 * 2**30)")
+    report = grade(script(tmp_path, "max_99_toy.py", *cells), solutions_dir=FIXTURE / "solutions", settings=settings)
+    assert report.total == 5 and "(cgroup)" in report.isolation, str(report)
+    [error] = report.cell_errors
+    assert error.startswith("cell 4: killed for using more than the memory limit (2048 MB)") and "skipped" in error
+
+
+def test_not_isolated_grading_still_works_and_says_so(tmp_path, settings, solution):
+    path = script(tmp_path, "ned_99_toy.py", *all_solutions(solution))
+    report = grade(path, solutions_dir=FIXTURE / "solutions", settings=settings, isolate=False)
+    assert report.total == 5 and report.isolation.startswith("NOT ISOLATED")
+    assert str(report).splitlines()[1].startswith("WARNING: NOT ISOLATED")
+
+
+def test_private_tests_add_to_an_item(tmp_path, settings, solution):
+    private = tmp_path / "private" / "99_toy"
+    private.mkdir(parents=True)
+    (private / "running_sum.py").write_text("assert running_sum([5]) == [6], 'private check'")
+    path = script(tmp_path, "oz_99_toy.py", *all_solutions(solution))
+    report = grade(path, solutions_dir=FIXTURE / "solutions", settings=settings, private_tests=tmp_path / "private")
+    assert points(report) == {"running_sum": 0, "softmax": 2, "histogram": 2}
+    assert feedback(report, "running_sum") == "private check: result[0]: 6 expected, got 5"
+
+
+def test_seeds_come_from_the_secret_and_the_file_name(tmp_path, settings, solution):
+    from openllm_edu.autograde import grading_seed
+    path = script(tmp_path, "pat_99_toy.py", *all_solutions(solution))
+    first = grade(path, solutions_dir=FIXTURE / "solutions", settings=settings, secret="s1")
+    again = grade(path, solutions_dir=FIXTURE / "solutions", settings=settings, secret="s1")
+    other = grade(path, solutions_dir=FIXTURE / "solutions", settings=settings, secret="s2")
+    assert first.seed == again.seed == grading_seed("s1", "99_toy", "pat_99_toy.py") != other.seed
+    assert not any("secret" in f for f in first.flags) and any("secret" in f for f in
+                                                             grade(path, solutions_dir=FIXTURE / "solutions",
+                                                                   settings=settings, secret="").flags)
+
+
 # ---------------------------------------------------------------- the wire format
 
 @pytest.mark.parametrize("value", [
