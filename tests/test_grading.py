@@ -596,3 +596,12 @@ def test_real_half_done_submission_scores_in_between(stem, tmp_path):
     lost = {item.grade_id for item in report.items if not item.passed}
     assert 0 < report.total < report.max_total, str(report)
     assert len(lost) == 1 and report.max_total - report.total == settings.exercise_points[stem][lost.pop()]
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None or os.geteuid() != 0,
+                    reason="bubblewrap is not installed, or the tests do not run as root (see the README)")
+def test_bubblewrap_confines_when_it_is_installed():
+    "As root with bubblewrap installed, grading must be isolated: a silent fallback would hide a broken sandbox."
+    command, how = sandbox.isolation()
+    assert command is not None, how
+    assert how.startswith("isolated") and "uid 65534" in how

@@ -1,10 +1,16 @@
 """Attacks on the grader (openllm_edu.autograde + openllm_edu.sandbox), and what must happen to each.
 
-Every attack is a submission in tests/fixtures/grading/attacks/ that answers the items it does not attack
-correctly. `*_99_toy.py` files are graded against the toy assignment (tests/fixtures/grading/solutions,
-running_sum 1, softmax 2, histogram 2, under the small limits of tests/fixtures/grading/settings.ini);
-`*_03_lm_basics.py` files against the course's solutions/03_lm_basics.ipynb, whose hidden tests compare with
-references in openllm_edu.metrics. `@@NAME@@` in a fixture is filled in by its test (a path of this run).
+Every attack is a jupytext percent fixture in tests/fixtures/grading/attacks/ that holds only the attack: its
+cells and the graded functions it breaks or cheats on. `submission` makes the graded file from it: the solution
+notebook's setup imports cell, then the fixture's cells, then the notebook's solution cells (less their
+`### BEGIN/END SOLUTION` lines) for every graded function the fixture does not bind at its top level (by def,
+import or assignment), so the items it does not attack are answered correctly. A cell holding only
+`# (honest solutions here)` or `# (honest solutions here: NAME, ...)` puts those solution cells there instead of
+at the end; a line `# (left out on purpose: NAME, ...)` leaves those functions missing. `*_99_toy.py` files are
+graded against the toy assignment (tests/fixtures/grading/solutions, running_sum 1, softmax 2, histogram 2,
+under the small limits of tests/fixtures/grading/settings.ini); `*_03_lm_basics.py` files against the course's
+solutions/03_lm_basics.ipynb, whose hidden tests compare with references in openllm_edu.metrics. `@@NAME@@` in
+a fixture is filled in by its test (a path of this run).
 
  1. The reference imported (as the graded name, through an aliased module, with importlib.import_module,
     through a helper) -> that item 0, feedback "0 points: ..." naming the reference or the route; others full.
@@ -47,6 +53,7 @@ import io
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import site
 import subprocess
@@ -67,6 +74,10 @@ FIXTURE = Path(__file__).parent / "fixtures" / "grading"
 ATTACKS = FIXTURE / "attacks"
 TOY_SOLUTIONS = FIXTURE / "solutions"
 REPO = Path(__file__).resolve().parents[1]
+SOLUTION_NOTEBOOKS = {"99_toy": TOY_SOLUTIONS / "99_toy.ipynb",
+                      "03_lm_basics": REPO / "solutions" / "03_lm_basics.ipynb"}
+HONEST_HERE = re.compile(r"# \(honest solutions here(?:: (?P<names>[\w, ]+))?\)")
+LEFT_OUT = re.compile(r"^# \(left out on purpose: (?P<names>[\w, ]+)\)$", re.MULTILINE)
 SECRET = "attack-tests"
 FULL = {"running_sum": 1, "softmax": 2, "histogram": 2}
 RIGHT_WRONG_MISSING = {"running_sum": 1, "softmax": 0, "histogram": 0}
@@ -89,14 +100,88 @@ def solution():
     return nbformat.read(TOY_SOLUTIONS / "99_toy.ipynb", as_version=4)
 
 
-def submission(folder: Path, fixture: str, name: str | None = None, **fill: str) -> Path:
-    "A copy of an attack fixture in `folder`, its `@@KEY@@` placeholders filled in."
+def honest_cells(notebook: Path) -> tuple[str, dict[str, str]]:
+    "A solution notebook's setup imports cell (its first locked code cell) and its solution cells, by function."
+    cells = nbformat.read(notebook, as_version=4).cells
+    setup = next(c.source for c in cells if c.cell_type == "code" and grading._nbgrader(c).get("locked")
+                 and not grading._nbgrader(c).get("grade") and not grading._nbgrader(c).get("solution"))
+    solved = {}
+    for cell in cells:
+        if cell.cell_type == "code" and grading._nbgrader(cell).get("grade_id", "").endswith("_code"):
+            source = "\n".join(line for line in cell.source.split("\n")
+                               if line.strip() not in (grading.SOLUTION_BEGIN, grading.SOLUTION_END))
+            [function] = [node.name for node in ast.parse(source).body if isinstance(node, ast.FunctionDef)]
+            solved[function] = source
+    return setup, solved
+
+
+def top_level_names(source: str) -> set[str]:
+    "The names a script binds at its top level (defs, classes, imports under their aliases, assignments, loops)."
+    names, pending = set(), list(ast.parse(source).body)
+    while pending:
+        node = pending.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif not isinstance(node, (ast.Lambda, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+            pending.extend(ast.iter_child_nodes(node))  # into if/try/with/for bodies, not into other scopes
+    return names
+
+
+def percent_cells(text: str) -> list[str]:
+    "A jupytext percent script cut into its cells, each from its `# %%` line, trailing blank lines dropped."
+    cells = []
+    for line in text.split("\n"):
+        if line.startswith("# %%") or not cells:
+            cells.append([])
+        cells[-1].append(line)
+    return ["\n".join(lines).rstrip("\n") for lines in cells if "".join(lines).strip()]
+
+
+def _names(listed: str | None) -> list[str]:
+    return [name.strip() for name in (listed or "").split(",") if name.strip()]
+
+
+def submission_text(fixture: str, **fill: str) -> str:
+    """An attack fixture, its `@@KEY@@` placeholders filled in, made a whole submission: the solution notebook's
+    setup imports cell, the fixture's cells, and the honest solution cells of the graded functions it does not
+    define (where a `# (honest solutions here...)` cell stands, the rest at the end)."""
     text = (ATTACKS / fixture).read_text(encoding="utf-8")
     for key, value in fill.items():
         text = text.replace(f"@@{key}@@", value)
     assert "@@" not in text, f"{fixture}: a placeholder was left unfilled"
+    [assignment] = [a for a in SOLUTION_NOTEBOOKS if Path(fixture).stem.endswith(a)]
+    setup, solved = honest_cells(SOLUTION_NOTEBOOKS[assignment])
+    left_out = {name for found in LEFT_OUT.finditer(text) for name in _names(found["names"])}
+    assert left_out <= solved.keys(), f"{fixture}: leaves out {left_out - solved.keys()}, not graded functions"
+    wanted = [name for name in solved if name not in top_level_names(text) | left_out]
+    fixture_cells = percent_cells(text)
+    markers = [HONEST_HERE.fullmatch(cell.partition("\n")[2].strip()) if cell.startswith("# %%\n") else None
+               for cell in fixture_cells]
+    named = [name for marker in markers if marker for name in _names(marker["names"])]
+    assert len(named) == len(set(named)) and set(named) <= set(wanted), \
+        f"{fixture}: honest solutions placed twice, or for a function it defines or leaves out: {named}"
+    rest = [name for name in wanted if name not in named]
+    cells = [f"# %%\n{setup}"]
+    for cell, marker in zip(fixture_cells, markers):
+        if marker is None:
+            cells.append(cell)
+        elif marker["names"]:
+            cells += [f"# %%\n{solved[name]}" for name in _names(marker["names"])]
+        else:
+            cells += [f"# %%\n{solved[name]}" for name in rest]
+            rest = []
+    cells += [f"# %%\n{solved[name]}" for name in rest]
+    return "\n\n".join(cells) + "\n"
+
+
+def submission(folder: Path, fixture: str, name: str | None = None, **fill: str) -> Path:
+    "The submission made from an attack fixture (see `submission_text`), as `folder / name`."
     path = folder / (name or fixture)
-    path.write_text(text, encoding="utf-8")
+    path.write_text(submission_text(fixture, **fill), encoding="utf-8")
     return path
 
 
@@ -423,13 +508,13 @@ def _ipynb_bom(tmp_path, solution):
 
 def _py_bom(tmp_path, solution):
     path = tmp_path / "bom_99_toy.py"
-    path.write_bytes(b"\xef\xbb\xbf" + (ATTACKS / "honest_99_toy.py").read_bytes())
+    path.write_bytes(b"\xef\xbb\xbf" + submission_text("honest_99_toy.py").encode())
     return path
 
 
 def _py_crlf(tmp_path, solution):
     path = tmp_path / "crlf_99_toy.py"
-    path.write_bytes((ATTACKS / "honest_99_toy.py").read_bytes().replace(b"\n", b"\r\n"))
+    path.write_bytes(submission_text("honest_99_toy.py").encode().replace(b"\n", b"\r\n"))
     return path
 
 
@@ -503,7 +588,7 @@ def test_unusual_but_correct_files_score_full(tmp_path, toy_settings, solution, 
 # ---------------------------------------------------------------- 13: seeds
 
 def test_seeds_are_reproducible_and_per_file(tmp_path, toy_settings):
-    text = (ATTACKS / "honest_99_toy.py").read_text().replace("return e / e.sum(dim=-1, keepdim=True)", "return e")
+    text = submission_text("honest_99_toy.py").replace("return e / e.sum(dim=-1, keepdim=True)", "return e")
     first = tmp_path / "ann_99_toy.py"
     first.write_text(text)
     second = tmp_path / "ben_99_toy.py"
@@ -541,7 +626,7 @@ def _class_folder(folder: Path, solution) -> dict[str, str]:
         if grading._nbgrader(cell).get("grade_id") in ("running_sum_code", "histogram_code"):
             cell.source = done.source
     nbformat.write(half, folder / "carol.ipynb")
-    cheat = (ATTACKS / "honest_99_toy.py").read_text() + \
+    cheat = submission_text("honest_99_toy.py") + \
         '\n# %%\ntry:\n    print(open("../solutions/99_toy.ipynb").read())\nexcept OSError:\n    pass\n'
     (folder / "dave.py").write_text(cheat)
     (folder / "erin.ipynb").write_text("this is not a notebook\n")
