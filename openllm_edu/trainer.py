@@ -12,6 +12,7 @@ import os
 import random
 import re
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -325,9 +326,8 @@ class JSONLinesLogger:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.is_file():
-            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+            kept = [row for row in read_metrics(self.path) if row["step"] <= resume_step]
+            atomic_write_text(self.path, "".join(json.dumps(row) + "\n" for row in kept))
         elif self.path.exists():
             self.path.unlink()
         self.file = self.path.open("a", encoding="utf-8")
@@ -433,9 +433,22 @@ class LiveDashboard:
         self.draw()
 
 
+def _metrics_row(line: str) -> dict | None:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("step"), int) else None
+
+
 def read_metrics(path: str | Path) -> list[dict]:
-    "The rows a JSONLinesLogger wrote."
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The rows a JSONLinesLogger wrote. A line a crash or a full disk left torn is skipped with a warning:
+    the checkpoint, not this log, is what a run resumes from."""
+    lines = [line for line in Path(path).read_bytes().decode("utf-8", errors="replace").splitlines() if line.strip()]
+    rows = [row for row in map(_metrics_row, lines) if row is not None]
+    if len(rows) < len(lines):
+        warnings.warn(f"{path}: skipped {len(lines) - len(rows)} damaged line(s) of {len(lines)}.")
+    return rows
 
 # %% ../nbs/07_training.ipynb #c4b35322
 class NonFiniteLossError(CourseError):

@@ -242,6 +242,22 @@ def test_train_model_generates_and_the_run_resumes(trained_run, tmp_path):
     assert steps == sorted(steps) and steps[-1] == 16  # resumed rows follow the first run's, none repeated
 
 
+def test_resume_survives_a_torn_metrics_log(trained_run, tmp_path):
+    "A full disk can leave half a line (or garbage) at the end of metrics.jsonl; resuming must still work."
+    import shutil
+
+    out, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    with open(copy / "metrics.jsonl", "ab") as log:
+        log.write(b'{"step": 13, "train/lo\n\xff\xfe garbage\n')
+    done = openllm_edu("train", "--resume", copy, "--max-steps", 14, "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert "skipped 2 damaged line(s)" in done.stderr and "Traceback" not in done.stderr
+    steps = [json.loads(line)["step"] for line in (copy / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 14
+
+
 def test_train_refuses_to_overwrite_a_run(trained_run):
     out, _ = trained_run
     before = {p: p.read_bytes() for p in (out / "checkpoints").iterdir()}

@@ -364,3 +364,17 @@ def test_resume_continues_in_the_folder_the_run_was_moved_to(data_dir, tmp_path)
     loose = tmp_path / "step_00000006.pt"  # a checkpoint file outside any run folder keeps its saved out_dir
     shutil.copy(tmp_path / "moved" / "checkpoints" / "step_00000006.pt", loose)
     assert Trainer.resume(loose).config.out_dir == str(tmp_path / "moved")
+
+
+def test_torn_metric_lines_are_skipped_with_a_warning(tmp_path):
+    "What a crash or a full disk leaves in metrics.jsonl must not stop a resume: the checkpoint is the truth."
+    from openllm_edu.trainer import JSONLinesLogger
+    path = tmp_path / "metrics.jsonl"
+    good = [{"step": 1, "train/loss": 4.0}, {"step": 2, "train/loss": 3.5}, {"step": 3, "train/loss": 3.0}]
+    torn = b'{"step": 4, "train/lo\n\xff\xfe\x00 garbage\n[1, 2]\n{"no_step": 1}\n'
+    path.write_bytes("".join(json.dumps(r) + "\n" for r in good).encode() + torn)
+    with pytest.warns(UserWarning, match="skipped 4 damaged line"):
+        assert read_metrics(path) == good
+    with pytest.warns(UserWarning, match="skipped 4 damaged line"):
+        JSONLinesLogger(path, resume_step=2).close()
+    assert [json.loads(line) for line in path.read_text().splitlines()] == good[:2]
