@@ -33,8 +33,8 @@ from .schedule import ScheduleConfig
 __all__ = ['PRECISIONS', 'CHECKPOINT_FORMAT', 'cpu_has_fast_bf16', 'resolve_device', 'resolve_precision', 'autocast_for',
            'accumulate_gradients', 'clip_gradients', 'TrainConfig', 'read_config_values', 'TrainData', 'rng_state',
            'set_rng_state', 'Checkpointer', 'JSONLinesLogger', 'TensorBoardLogger', 'WandbLogger',
-           'tensorboard_available', 'in_notebook', 'LiveDashboard', 'read_metrics', 'NonFiniteLossError', 'build_model',
-           'Trainer', 'plot_training']
+           'tensorboard_available', 'in_notebook', 'LiveDashboard', 'lock_run_folder', 'read_metrics',
+           'NonFiniteLossError', 'build_model', 'Trainer', 'plot_training']
 
 # %% ../nbs/07_training.ipynb #5d7e3739
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -433,6 +433,30 @@ class LiveDashboard:
         self.draw()
 
 
+def lock_run_folder(out: Path):
+    """Hold `out/.lock` while a run writes there; CourseError naming the holder's PID when another process does.
+    An flock dies with its process, so a crashed run never leaves a stale lock. (None where fcntl is missing.)"""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock, as before
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise CourseError(f"{out} is in use by another training process (pid {holder}); wait for it to end, "
+                          f"or choose another out_dir.") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
 def _metrics_row(line: str) -> dict | None:
     try:
         row = json.loads(line)
@@ -648,7 +672,7 @@ class Trainer:
                               "--resume) or choose another out_dir.")
         if not self.distributed.is_main:  # logs and files come from rank 0 only
             return
-        out.mkdir(parents=True, exist_ok=True)
+        self.run_lock = lock_run_folder(out)  # a second process on this folder is refused, not interleaved
         self.config.save(out / "config.json")
         self.loggers = [JSONLinesLogger(out / "metrics.jsonl", resume_step=self.resumed_step)]
         if self.config.tensorboard and tensorboard_available():
@@ -714,6 +738,8 @@ class Trainer:
             bar.close()
             for logger in self.loggers:
                 logger.close()
+            if getattr(self, "run_lock", None) is not None:
+                self.run_lock.close()  # closing the file releases the lock
         if self.skipped_steps and self.distributed.is_main:
             print(f"fp16: the gradient scaler skipped {self.skipped_steps} steps (overflowing gradients).")
         return dict(step=self.step, best_val_loss=self.best_val_loss, stopped_early=stopped_early,

@@ -378,3 +378,23 @@ def test_torn_metric_lines_are_skipped_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="skipped 4 damaged line"):
         JSONLinesLogger(path, resume_step=2).close()
     assert [json.loads(line) for line in path.read_text().splitlines()] == good[:2]
+
+
+def test_a_second_process_on_the_same_run_folder_is_refused(data_dir, tmp_path):
+    "Two runs writing one folder would interleave metrics and checkpoints: the second is refused, in one line."
+    import subprocess
+    import sys
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom pathlib import Path\nfrom openllm_edu.trainer import lock_run_folder\n"
+        f"lock = lock_run_folder(Path({str(out)!r}))\nprint('locked', flush=True)\ntime.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(CourseError, match=rf"in use by another training process \(pid {holder.pid}\)"):
+            Trainer(make_config(data_dir, out)).fit()
+        assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert Trainer(make_config(data_dir, out)).fit()["step"] == 12  # a dead holder's lock is gone with it
