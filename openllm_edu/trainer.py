@@ -53,6 +53,10 @@ def resolve_device(device: str = "auto") -> torch.device:
     "'auto' is the CUDA GPU when there is one, else the CPU."
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CourseError(f"device={device!r}, but this PyTorch sees no CUDA GPU; use device 'auto' or 'cpu'.")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise CourseError("device='mps', but this PyTorch has no Apple GPU backend; use device 'auto' or 'cpu'.")
     return torch.device(device)
 
 
@@ -105,6 +109,28 @@ def clip_gradients(model: nn.Module, optimizer: torch.optim.Optimizer, max_norm:
     return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
 
 # %% ../nbs/07_training.ipynb #c3dc94bf
+_FIELD_KINDS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,)}
+
+
+def _check_types(config) -> None:
+    "CourseError naming the first field whose value has the wrong type (a config file can say anything)."
+    for f in dataclasses.fields(config):
+        value, kind = getattr(config, f.name), str(f.type)
+        optional = kind.endswith(" | None")
+        if value is None and optional:
+            continue
+        base = kind.removesuffix(" | None")
+        if base == "tuple[float, float]":
+            ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        else:
+            ok = isinstance(value, _FIELD_KINDS[base]) and (base == "bool" or not isinstance(value, bool))
+        if not ok:
+            wanted = {"tuple[float, float]": "two numbers, e.g. [0.9, 0.95]", "int": "a whole number",
+                      "float": "a number", "str": "a string", "bool": "true or false", "dict": "a mapping"}[base]
+            raise CourseError(f"{f.name}={value!r} must be {wanted}" + (" (or null)" if optional else "") + ".")
+
+
 @dataclass
 class TrainConfig:
     "A training run: data, model, optimization, precision, evaluation, checkpoints and logging."
@@ -143,10 +169,20 @@ class TrainConfig:
     memory_budget_mb: float | None = None  # halve the micro-batch while the estimated step peak is above this
 
     def __post_init__(self):
+        _check_types(self)
         self.betas = tuple(self.betas)
         for name in ("block_size", "batch_size", "grad_accum", "max_steps", "keep_last", "log_every"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+            if getattr(self, name) < 1:
                 raise CourseError(f"{name}={getattr(self, name)!r} must be a whole number >= 1.")
+        for name in ("eval_every", "patience", "checkpoint_every", "warmup_steps", "grad_clip", "weight_decay", "lr",
+                     "min_lr"):
+            if getattr(self, name) < 0:
+                raise CourseError(f"{name}={getattr(self, name)!r} must not be negative (0 turns it off where it can).")
+        for name in ("eval_tokens", "peak_flops"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise CourseError(f"{name}={getattr(self, name)!r} must be positive.")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise CourseError(f"device={self.device!r} is not auto, cpu, cuda, cuda:N or mps.")
         if self.precision not in PRECISIONS:
             raise CourseError(f"precision={self.precision!r} is not one of {', '.join(PRECISIONS)}; pick one of those.")
         if self.memory_budget_mb is not None and not self.memory_budget_mb > 0:

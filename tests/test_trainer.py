@@ -1,5 +1,6 @@
 """The trainer of chapter 07: schedules, optimizers, accumulation, checkpoints and exact resume."""
 import json
+import re
 import math
 import os
 import signal
@@ -398,3 +399,25 @@ def test_a_second_process_on_the_same_run_folder_is_refused(data_dir, tmp_path):
         holder.kill()
         holder.wait()
     assert Trainer(make_config(data_dir, out)).fit()["step"] == 12  # a dead holder's lock is gone with it
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"eval_every": "10"}, "eval_every='10' must be a whole number"), ({"grad_clip": "x"}, "grad_clip='x' must be a number"),
+    ({"lr": "fast"}, "lr='fast' must be a number"), ({"seed": "abc"}, "seed='abc' must be a whole number"),
+    ({"betas": 0.9}, "betas=0.9 must be two numbers"), ({"model_overrides": [1, 2]}, "must be a mapping"),
+    ({"data_dir": 5}, "data_dir=5 must be a string"), ({"device": "tpu"}, "device='tpu' is not auto"),
+    ({"eval_tokens": -5}, "eval_tokens=-5 must be positive"), ({"eval_every": -1}, "must not be negative"),
+    ({"checkpoint_every": -2}, "must not be negative"), ({"compile": 1}, "compile=1 must be true or false"),
+    ({"lr": -1e-3}, "lr=-0.001 must not be negative"), ({"eval_tokens": True}, "must be a whole number"),
+    ({"peak_flops": 0}, "peak_flops=0 must be positive"),
+])
+def test_config_values_are_checked_up_front(values, message):
+    "A config file can say anything: a wrong type or range is one sentence at load time, not a crash mid-run."
+    with pytest.raises(CourseError, match=re.escape(message)):
+        TrainConfig.from_dict(values)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_asking_for_cuda_without_one_is_one_sentence(data_dir, tmp_path):
+    with pytest.raises(CourseError, match="sees no CUDA GPU"):
+        Trainer(make_config(data_dir, tmp_path / "run", device="cuda"))
