@@ -708,19 +708,10 @@ def _student_cells(cells: list[dict], released_tests: set[str]) -> list[dict]:
     "The submission's code cells, minus graded test cells (the grader runs its own copies)."
     found = []
     for number, cell in enumerate(cells, 1):
-        if cell["cell_type"] != "code" or is_graded_cell(_CellView(cell)) or \
-                cell["source"].strip() in released_tests:
+        if cell["cell_type"] != "code" or _nbgrader(cell).get("grade") or cell["source"].strip() in released_tests:
             continue
         found.append({"label": f"cell {number}", "source": python_source(cell["source"])})
     return found
-
-
-class _CellView(dict):
-    "A cell dict that `grading.is_graded_cell` can read (attribute access to cell_type)."
-
-    def __init__(self, cell):
-        super().__init__(cell)
-        self.cell_type = cell["cell_type"]
 
 # %% ../nbs/92_autograde.ipynb #2a770fcf
 def _explain_equal(actual, expected, text: str, message=None) -> None:
