@@ -59,15 +59,16 @@ PROFILE_ENV = "OPENLLM_EDU_PROFILE"
 
 
 def find_settings_file() -> Path:
-    "Locate settings.ini: $OPENLLM_EDU_SETTINGS, then the source checkout, then the installed copy."
+    "Locate settings.ini: $OPENLLM_EDU_SETTINGS, then the source checkout, then the copy in the package."
     if os.environ.get(SETTINGS_ENV):
         path = Path(os.environ[SETTINGS_ENV])
         if not path.is_file():
             raise SettingsError(f"{SETTINGS_ENV}={path} does not exist; point it at a settings.ini or unset it.")
         return path
     import openllm_edu  # the package's own location, also when this runs inside the notebook
-    candidates = [Path(openllm_edu.__file__).resolve().parent.parent / "settings.ini",
-                  Path(sys.prefix) / "share" / "openllm_edu" / "settings.ini"]
+    package = Path(openllm_edu.__file__).resolve().parent
+    # A source checkout keeps it at the top; a wheel carries a copy inside the package.
+    candidates = [package.parent / "settings.ini", package / "settings.ini"]
     for path in candidates:
         if path.is_file():
             return path

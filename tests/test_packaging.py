@@ -1,0 +1,49 @@
+"""Packaging: a wheel carries the course settings, installs anywhere, and the extras are consistent."""
+import os
+import subprocess
+import sys
+import tomllib
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    # No build isolation: the build uses this environment's setuptools and never reaches a package index.
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--wheel-dir", str(out), str(ROOT)], check=True, capture_output=True, cwd=out)
+    (built,) = out.glob("openllm_edu-*.whl")
+    return built
+
+
+def test_the_wheel_carries_the_course_settings(wheel):
+    with zipfile.ZipFile(wheel) as archive:
+        assert archive.read("openllm_edu/settings.ini") == (ROOT / "settings.ini").read_bytes()
+        assert not [n for n in archive.namelist() if n.startswith(("nbs/", "tests/", "solutions/"))]
+
+
+def test_an_installed_wheel_finds_its_settings_away_from_the_checkout(wheel, tmp_path):
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
+                    "--target", str(site), str(wheel)], check=True, capture_output=True)
+    code = ("import openllm_edu.core as core; print(core.__file__); print(core.find_settings_file()); "
+            "print(list(core.load_settings().chapters)[0])")
+    env = {k: v for k, v in os.environ.items() if k != "OPENLLM_EDU_SETTINGS"} | {"PYTHONPATH": str(site)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    module, settings, first = done.stdout.split()
+    assert Path(module).is_relative_to(site), "the test must import the installed copy, not the checkout"
+    assert Path(settings) == site / "openllm_edu" / "settings.ini" and first == "00_setup"
+
+
+def test_dev_installs_every_extra():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    extras = set(project["optional-dependencies"]) - {"dev"}
+    included = [r.split("[")[1].rstrip("]") for r in project["optional-dependencies"]["dev"]
+                if r.startswith("openllm-edu[")]
+    assert {extra for names in included for extra in names.split(",")} == extras
