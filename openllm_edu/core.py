@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import configparser
+import contextlib
+import errno
 import os
 import sys
 import tempfile
@@ -11,10 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['SETTINGS_ENV', 'PROFILE_ENV', 'CourseError', 'SettingsError', 'atomic_write_bytes', 'atomic_write_text',
-           'find_settings_file', 'Profile', 'GraderLimits', 'Settings', 'load_settings', 'get_profile', 'CheckResult',
-           'check_python', 'check_dependencies', 'best_device', 'check_device', 'check_bf16', 'check_threads',
-           'available_memory_bytes', 'check_memory', 'check_settings', 'environment_report', 'course_map']
+__all__ = ['SETTINGS_ENV', 'PROFILE_ENV', 'CourseError', 'SettingsError', 'atomic_open', 'atomic_write_bytes',
+           'atomic_write_text', 'find_settings_file', 'Profile', 'GraderLimits', 'Settings', 'load_settings',
+           'get_profile', 'CheckResult', 'check_python', 'check_dependencies', 'best_device', 'check_device',
+           'check_bf16', 'check_threads', 'available_memory_bytes', 'check_memory', 'check_settings',
+           'environment_report', 'course_map']
 
 # %% ../nbs/00_setup.ipynb #9571dba6
 class CourseError(Exception):
@@ -31,22 +34,36 @@ def _current_umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    "Write `data` to `path` so that `path` holds either its old content or all of `data`, never a mix."
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "wb"):
+    """A file to write `path` through: on success it replaces `path` in one rename, on any error (or a crash) `path`
+    keeps its old content and the temporary file is removed. A full disk is a `CourseError` naming the file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the file normal permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())  # the bytes are on disk before the name points at them
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CourseError(f"the disk is full while writing {path}; free some space and run again "
+                              "(the previous version of the file is untouched).") from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    "Write `data` to `path` so that `path` holds either its old content or all of `data`, never a mix."
+    with atomic_open(path) as f:
+        f.write(data)
+    return Path(path)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

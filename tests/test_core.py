@@ -1,10 +1,11 @@
 """Settings parsing and atomic writes (openllm_edu.core, chapter 00)."""
+import errno
 import os
 from pathlib import Path
 
 import pytest
 
-from openllm_edu.core import (CourseError, SettingsError, atomic_write_text, get_profile, load_settings)
+from openllm_edu.core import CourseError, SettingsError, atomic_open, atomic_write_text, get_profile, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = (ROOT / "settings.ini").read_text()
@@ -69,3 +70,24 @@ def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
         atomic_write_text(target, "new")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"], "the temporary file must be removed"
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    target = atomic_write_text(tmp_path / "metrics.json", "old")
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(CourseError, match=r"disk is full while writing .*metrics\.json; free some space"):
+        atomic_write_text(target, "new")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_atomic_open_streams_and_replaces_in_one_step(tmp_path):
+    target = tmp_path / "sub" / "tokens.txt"
+    with atomic_open(target, "w") as f:
+        for i in range(3):
+            f.write(f"{i}\n")
+        assert not target.exists(), "the name appears only when the file is complete"
+    assert target.read_text() == "0\n1\n2\n" and sorted(p.name for p in target.parent.iterdir()) == ["tokens.txt"]
