@@ -1,6 +1,7 @@
 """Packaging: a wheel carries the course settings, installs anywhere, and the extras are consistent."""
 import importlib.metadata
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -13,10 +14,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
+    out, source = tmp_path_factory.mktemp("wheel"), tmp_path_factory.mktemp("source")
+    # Build from a copy, so setuptools' build/ folder never lands in the checkout.
+    for name in ("pyproject.toml", "README.md", "LICENSE", "settings.ini"):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(ROOT / "openllm_edu", source / "openllm_edu", symlinks=True,
+                    ignore=shutil.ignore_patterns("__pycache__"))
     # No build isolation: the build uses this environment's setuptools and never reaches a package index.
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--wheel-dir", str(out), str(ROOT)], check=True, capture_output=True, cwd=out)
+                    "--wheel-dir", str(out), str(source)], check=True, capture_output=True, cwd=out)
     (built,) = out.glob("openllm_edu-*.whl")
     return built
 
