@@ -15,12 +15,31 @@ import torch
 
 from openllm_edu import sources
 from openllm_edu.core import CourseError
-from openllm_edu.data import (BatchSampler, dedupe_documents, get_batch, hash_split, hash_value, load_token_file,
-                              normalize_document, play_scenes, read_token_metadata, shakespeare_documents, take_bytes,
-                              token_dtype, write_splits, write_token_file)
+from openllm_edu.data import (
+    BatchSampler,
+    dedupe_documents,
+    get_batch,
+    hash_split,
+    hash_value,
+    load_token_file,
+    normalize_document,
+    play_scenes,
+    read_token_metadata,
+    shakespeare_documents,
+    take_bytes,
+    token_dtype,
+    write_splits,
+    write_token_file,
+)
 from openllm_edu.fast_bpe import prepare_data
-from openllm_edu.sources import (clean_documents, find_text_files, load_corpus, load_squad, load_text_files,
-                                 squad_contexts)
+from openllm_edu.sources import (
+    clean_documents,
+    find_text_files,
+    load_corpus,
+    load_squad,
+    load_text_files,
+    squad_contexts,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 NORMANS = ("The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, "

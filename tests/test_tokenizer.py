@@ -9,12 +9,31 @@ from hypothesis import strategies as st
 from openllm_edu.core import CourseError
 from openllm_edu.data import shakespeare_documents
 from openllm_edu.fast_bpe import (
-    FAST_TOKENIZER_KINDS, FastBPETokenizer, PairHeap, bench_bpe_training, encode_chunk, format_tokenizer_bench,
-    time_tokenizer_training, train_bpe_incremental, train_tokenizer,
+    FAST_TOKENIZER_KINDS,
+    FastBPETokenizer,
+    PairHeap,
+    bench_bpe_training,
+    encode_chunk,
+    format_tokenizer_bench,
+    time_tokenizer_training,
+    train_bpe_incremental,
+    train_tokenizer,
 )
 from openllm_edu.tokenizer import (
-    BPETokenizer, CharTokenizer, EOS_TOKEN, SentencePieceTokenizer, Tokenizer, bpe_decode, bpe_encode, get_stats,
-    load_tokenizer, make_tokenizer, merge, most_frequent_pair, split_text, train_bpe_naive,
+    EOS_TOKEN,
+    BPETokenizer,
+    CharTokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+    bpe_decode,
+    bpe_encode,
+    get_stats,
+    load_tokenizer,
+    make_tokenizer,
+    merge,
+    most_frequent_pair,
+    split_text,
+    train_bpe_naive,
 )
 
 TRICKY = ["\u2581", " ", "  ", "\n", "\r\n", "\t", "<s>", "</s>", "<unk>", "<0x41>", EOS_TOKEN, "a", "é", "e\u0301",
