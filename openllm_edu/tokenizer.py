@@ -4,16 +4,13 @@
 from __future__ import annotations
 
 import hashlib
-import heapq
 import io
 import json
+import math
 import os
-import time
 import warnings
-from array import array
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import regex
@@ -23,10 +20,9 @@ from .core import CourseError, atomic_write_bytes
 # %% auto #0
 __all__ = ['GPT2_SPLIT_PATTERN', 'GPT4_SPLIT_PATTERN', 'SPLIT_PATTERNS', 'TOKENIZER_FILE', 'EOS_TOKEN', 'TOKENIZER_KINDS',
            'get_stats', 'merge', 'most_frequent_pair', 'as_documents', 'train_bpe_naive', 'merges_to_token_bytes',
-           'bpe_encode', 'bpe_decode', 'compile_split_pattern', 'split_text', 'train_bpe_incremental',
-           'TokenizerTiming', 'bench_bpe_training', 'encode_chunk', 'Tokenizer', 'CharTokenizer', 'BPETokenizer',
-           'SentencePieceTokenizer', 'make_tokenizer', 'load_tokenizer', 'train_tokenizer', 'tokenizer_stats',
-           'time_tokenizer_training', 'bench_tokenizers', 'format_tokenizer_bench']
+           'bpe_encode', 'bpe_decode', 'compile_split_pattern', 'split_text', 'Tokenizer', 'saved_files',
+           'save_tokenizer', 'tokenizer_fingerprint', 'CharTokenizer', 'BPETokenizer', 'train_sentencepiece_model',
+           'SentencePieceTokenizer', 'make_tokenizer', 'load_tokenizer', 'tokenizer_stats']
 
 # %% ../nbs/02_tokenizer.ipynb #bebbc320
 def get_stats(ids: Sequence[int], counts: dict | None = None) -> dict[tuple[int, int], int]:
@@ -163,168 +159,7 @@ def split_text(text: str, split_pattern=None) -> list[str]:
         chunks.append(text[end:])
     return chunks
 
-# %% ../nbs/02_tokenizer.ipynb #a4db9aa7
-def _descending(data: bytes) -> tuple[int, ...]:
-    "A key that sorts byte strings from lexicographically greatest to smallest."
-    return tuple(-b for b in data) + (1,)
-
-# %% ../nbs/02_tokenizer.ipynb #c19bc74b
-def train_bpe_incremental(texts: str | Iterable[str], vocab_size: int,
-                          split_pattern: str | None = None) -> list[tuple[tuple[int, int], int]]:
-    "BPE trainer that updates pair counts only where a merge happened; same merges as `train_bpe_naive`."
-    _check_bpe_vocab_size(vocab_size)
-    pattern = compile_split_pattern(split_pattern)
-    chunk_weights = Counter(chunk for document in as_documents(texts) for chunk in split_text(document, pattern))
-
-    symbols, weight, prev, next_ = [], array("q"), array("q"), array("q")
-    counts = defaultdict(int)
-    where = defaultdict(lambda: array("q"))  # pair -> positions where it started at some point
-    for chunk, w in chunk_weights.items():
-        data = chunk.encode("utf-8")
-        start, n = len(symbols), len(data)
-        symbols.extend(data)
-        weight.extend(array("q", [w]) * n)
-        prev.extend(range(start - 1, start + n - 1))
-        next_.extend(range(start + 1, start + n + 1))
-        prev[start], next_[start + n - 1] = -1, -1
-        for position, pair in enumerate(zip(data, data[1:]), start):
-            counts[pair] += w
-            where[pair].append(position)
-
-    key = [_descending(bytes([i])) for i in range(256)]
-    token_bytes = [bytes([i]) for i in range(256)]
-    entry = lambda p: (-counts[p], key[p[0]], key[p[1]], -p[0], -p[1])
-    heap = [entry(pair) for pair in counts]
-    heapq.heapify(heap)
-
-    merges = []
-    for new_id in range(256, vocab_size):
-        while heap:
-            top = heapq.heappop(heap)
-            pair = (-top[3], -top[4])
-            if counts.get(pair) == -top[0]:
-                break  # an up-to-date entry: the best pair
-        else:
-            _warn_early_stop(len(merges), vocab_size - 256)
-            break
-        a, b = pair
-        changed = set()
-        for i in sorted(set(where.pop(pair))):
-            j = next_[i]
-            if symbols[i] != a or j == -1 or symbols[j] != b:
-                continue  # the pair moved on since this position was recorded
-            w, before, after = weight[i], prev[i], next_[j]
-            if before != -1:
-                old, new = (symbols[before], a), (symbols[before], new_id)
-                counts[old] -= w
-                counts[new] += w
-                where[new].append(before)
-                changed.update((old, new))
-            if after != -1:
-                old, new = (b, symbols[after]), (new_id, symbols[after])
-                counts[old] -= w
-                counts[new] += w
-                where[new].append(i)
-                changed.update((old, new))
-            symbols[i], symbols[j] = new_id, -1
-            next_[i] = after
-            if after != -1:
-                prev[after] = i
-        del counts[pair]
-        changed.discard(pair)
-        merges.append((pair, new_id))
-        token_bytes.append(token_bytes[a] + token_bytes[b])
-        key.append(_descending(token_bytes[-1]))
-        for p in changed:
-            if counts[p] > 0:
-                heapq.heappush(heap, entry(p))
-            else:
-                del counts[p]
-                where.pop(p, None)
-    return merges
-
-# %% ../nbs/02_tokenizer.ipynb #3637eedc
-@dataclass
-class TokenizerTiming:
-    "One measured tokenizer job; `reference_seconds` is the naive trainer on the same text, same run."
-    task: str
-    tokenizer: str
-    corpus_bytes: int
-    vocab_size: int
-    seconds: float
-    reference_seconds: float | None = None
-    same_merges: bool | None = None
-    bytes_per_token: float | None = None
-
-    @property
-    def speedup(self) -> float | None:
-        return None if self.reference_seconds is None else self.reference_seconds / self.seconds
-
-
-def _pattern_label(split_pattern) -> str:
-    return "none" if split_pattern is None else split_pattern if split_pattern in SPLIT_PATTERNS else "custom"
-
-
-def bench_bpe_training(text_bytes: int = 100_000, vocab_size: int = 512, split_pattern: str | None = None,
-                       documents: list[str] | None = None) -> TokenizerTiming:
-    "Time the naive and the incremental BPE trainer on the first `text_bytes` of the corpus."
-    if documents is None:
-        from openllm_edu.data import shakespeare_documents
-        documents = shakespeare_documents(max_bytes=text_bytes)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        start = time.perf_counter()
-        reference = train_bpe_naive(documents, vocab_size, split_pattern)
-        middle = time.perf_counter()
-        fast = train_bpe_incremental(documents, vocab_size, split_pattern)
-        end = time.perf_counter()
-    return TokenizerTiming("train: naive vs incremental", f"bpe ({_pattern_label(split_pattern)})",
-                           sum(len(d.encode("utf-8")) for d in documents), vocab_size,
-                           seconds=end - middle, reference_seconds=middle - start, same_merges=fast == reference)
-
-# %% ../nbs/02_tokenizer.ipynb #4e957cff
-def _encode_short(ids: list[int], rank: dict) -> list[int]:
-    while len(ids) >= 2:
-        pair = min(zip(ids, ids[1:]), key=lambda p: rank.get(p, float("inf")))
-        if pair not in rank:
-            break
-        ids = merge(ids, pair, rank[pair])
-    return ids
-
-
-def _encode_long(ids: list[int], rank: dict) -> list[int]:
-    n = len(ids)
-    next_, prev = list(range(1, n + 1)), list(range(-1, n - 1))
-    next_[-1] = -1
-    heap = [(rank[pair], i) for i, pair in enumerate(zip(ids, ids[1:])) if pair in rank]
-    heapq.heapify(heap)
-    while heap:
-        new_id, i = heapq.heappop(heap)
-        j = next_[i]
-        if ids[i] == -1 or j == -1 or rank.get((ids[i], ids[j])) != new_id:
-            continue  # stale: this position was merged into something else
-        ids[i], ids[j] = new_id, -1
-        after = next_[j]
-        next_[i] = after
-        if after != -1:
-            prev[after] = i
-            if (new_id, ids[after]) in rank:
-                heapq.heappush(heap, (rank[(new_id, ids[after])], i))
-        before = prev[i]
-        if before != -1 and (ids[before], new_id) in rank:
-            heapq.heappush(heap, (rank[(ids[before], new_id)], before))
-    return [t for t in ids if t != -1]
-
-
-def encode_chunk(data: bytes, rank: dict[tuple[int, int], int]) -> list[int]:
-    "BPE-encode one chunk; `rank` maps each merged pair to its new id. Same result as `bpe_encode`."
-    ids = list(data)
-    return _encode_short(ids, rank) if len(ids) <= 32 else _encode_long(ids, rank)
-
-# %% ../nbs/02_tokenizer.ipynb #289ac5fa
-TOKENIZER_FILE = "tokenizer.json"
-
-
+# %% ../nbs/02_tokenizer.ipynb #e8d722d9
 class Tokenizer:
     "The interface every tokenizer shares. Subclasses set `kind` and implement the methods that raise."
     kind = ""
@@ -381,42 +216,50 @@ class Tokenizer:
             raise CourseError(f"token id {bad} is outside this tokenizer's vocabulary (0..{self.vocab_size - 1}); "
                               "were these ids made by a different tokenizer?")
 
-    def _saved_content(self) -> dict[str, bytes]:
-        self._require_trained()
-        config = {"kind": self.kind, "format": 1, **self._config()}
-        text = json.dumps(config, sort_keys=True, ensure_ascii=False, separators=(",", ":")) + "\n"
-        return {**self._files(), TOKENIZER_FILE: text.encode("utf-8")}
-
     def save(self, directory: str | Path) -> Path:
         "Write the tokenizer into `directory` atomically (tokenizer.json last); return the directory."
-        directory = Path(directory)
-        content = self._saved_content()
-        for name, data in content.items():
-            if name != TOKENIZER_FILE:
-                atomic_write_bytes(directory / name, data)
-        atomic_write_bytes(directory / TOKENIZER_FILE, content[TOKENIZER_FILE])
-        return directory
+        return save_tokenizer(self, directory)
 
     @property
     def fingerprint(self) -> str:
         "SHA-256 (hex) of everything `save` writes: equal for tokenizers that encode alike."
-        digest = hashlib.sha256()
-        for name, data in sorted(self._saved_content().items()):
-            digest.update(f"{name}\0{len(data)}\0".encode())
-            digest.update(data)
-        return digest.hexdigest()
+        return tokenizer_fingerprint(self)
 
     @classmethod
     def load(cls, directory: str | Path) -> Tokenizer:
-        tokenizer = load_tokenizer(directory)
-        if cls is not Tokenizer and not isinstance(tokenizer, cls):
-            raise CourseError(f"{directory} holds a {tokenizer.kind} tokenizer, not {cls.kind}; "
-                              "use load_tokenizer(directory) to load any kind.")
-        return tokenizer
+        "The tokenizer saved in `directory`: any kind from `Tokenizer.load`, else one of this class."
+        return load_tokenizer(directory) if cls is Tokenizer else load_tokenizer(directory, {cls.kind: cls})
 
     def __repr__(self) -> str:
         size = self.vocab_size if self.trained else "untrained"
         return f"{type(self).__name__}(vocab_size={size})"
+
+# %% ../nbs/02_tokenizer.ipynb #6edc84db
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def saved_files(tokenizer: Tokenizer) -> dict[str, bytes]:
+    "Everything `save` writes, by file name: the model files and tokenizer.json (kind, format, config)."
+    tokenizer._require_trained()
+    config = {"kind": tokenizer.kind, "format": 1, **tokenizer._config()}
+    text = json.dumps(config, sort_keys=True, ensure_ascii=False, separators=(",", ":")) + "\n"
+    return {**tokenizer._files(), TOKENIZER_FILE: text.encode("utf-8")}
+
+
+def save_tokenizer(tokenizer: Tokenizer, directory: str | Path) -> Path:
+    directory = Path(directory)
+    files = saved_files(tokenizer)
+    for name in sorted(files, key=lambda name: name == TOKENIZER_FILE):  # tokenizer.json last
+        atomic_write_bytes(directory / name, files[name])
+    return directory
+
+
+def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
+    digest = hashlib.sha256()
+    for name, data in sorted(saved_files(tokenizer).items()):
+        digest.update(f"{name}\0{len(data)}\0".encode())
+        digest.update(data)
+    return digest.hexdigest()
 
 # %% ../nbs/02_tokenizer.ipynb #c10ab379
 EOS_TOKEN = "<|endoftext|>"
@@ -496,7 +339,7 @@ class CharTokenizer(Tokenizer):
         tokenizer._set_chars(config["chars"])
         return tokenizer
 
-# %% ../nbs/02_tokenizer.ipynb #1d59c193
+# %% ../nbs/02_tokenizer.ipynb #43ee6de4
 class BPETokenizer(Tokenizer):
     "Byte-level BPE trained from scratch: 256 byte ids, then merges 256 + i, then <|endoftext|>."
     kind = "bpe"
@@ -509,8 +352,22 @@ class BPETokenizer(Tokenizer):
 
     def train(self, texts: str | Iterable[str], vocab_size: int) -> BPETokenizer:
         _check_bpe_vocab_size(vocab_size, specials=1)
-        self._set_merges(train_bpe_incremental(texts, vocab_size - 1, self._pattern))
+        self._set_merges(self.learn_merges(texts, vocab_size - 1))
         return self
+
+    def learn_merges(self, texts: str | Iterable[str], vocab_size: int) -> list[tuple[tuple[int, int], int]]:
+        "The merges for ids 256 .. vocab_size - 1: this chapter's obvious trainer."
+        return train_bpe_naive(texts, vocab_size, self._pattern)
+
+    def encode_chunk(self, data: bytes) -> list[int]:
+        "One chunk's ids: merge the earliest-learned adjacent pair until none is left, as `bpe_encode`."
+        ids = list(data)
+        while len(ids) >= 2:
+            pair = min(zip(ids, ids[1:]), key=lambda p: self._rank.get(p, math.inf))
+            if pair not in self._rank:
+                break
+            ids = merge(ids, pair, self._rank[pair])
+        return ids
 
     def _set_merges(self, merges) -> None:
         self.merges = [((int(a), int(b)), int(new_id)) for (a, b), new_id in merges]
@@ -543,7 +400,7 @@ class BPETokenizer(Tokenizer):
         for chunk in split_text(text, self._pattern):
             cached = self._cache.get(chunk)
             if cached is None:
-                cached = encode_chunk(chunk.encode("utf-8"), self._rank)
+                cached = self.encode_chunk(chunk.encode("utf-8"))
                 if len(chunk) <= 64:  # only short chunks repeat often enough to be worth keeping
                     if len(self._cache) >= self.cache_size:
                         self._cache.clear()
@@ -566,6 +423,25 @@ class BPETokenizer(Tokenizer):
         tokenizer._set_merges(((tuple(pair), 256 + i) for i, pair in enumerate(config["merges"])))
         return tokenizer
 
+# %% ../nbs/02_tokenizer.ipynb #dac84dc6
+def train_sentencepiece_model(lines: list[str], vocab_size: int, character_coverage: float,
+                              specials: dict[str, tuple[int, str]]) -> bytes:
+    """A SentencePiece BPE model (the serialized proto) trained on `lines`: no normalisation, byte fallback,
+    `"\\n"` as a piece of its own, and `specials` as {role: (id, piece)}."""
+    import sentencepiece as spm
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+            normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
+            byte_fallback=True, character_coverage=character_coverage, user_defined_symbols=["\n"],
+            **{f"{role}_id": i for role, (i, _) in specials.items()},
+            **{f"{role}_piece": piece for role, (_, piece) in specials.items()},
+            max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1, minloglevel=2)
+    except RuntimeError as e:
+        raise _sentencepiece_error(e, vocab_size) from None
+    return model.getvalue()
+
 # %% ../nbs/02_tokenizer.ipynb #a100baeb
 class SentencePieceTokenizer(Tokenizer):
     "SentencePiece BPE with byte fallback; pad 0, unk 1, bos 2, eos 3."
@@ -579,23 +455,11 @@ class SentencePieceTokenizer(Tokenizer):
         self.model_proto: bytes | None = None
 
     def train(self, texts: str | Iterable[str], vocab_size: int = 32_000) -> SentencePieceTokenizer:
-        import sentencepiece as spm
         documents = as_documents(texts)
         lines = [line for document in documents for line in document.split("\n") if line]
         if not lines:
             raise CourseError("there is no text to train on (only line breaks); pass documents with text.")
-        model = io.BytesIO()
-        try:
-            spm.SentencePieceTrainer.train(
-                sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type="bpe",
-                normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
-                byte_fallback=True, character_coverage=self.character_coverage, user_defined_symbols=["\n"],
-                **{f"{role}_id": i for role, (i, _) in self.SPECIALS.items()},
-                **{f"{role}_piece": piece for role, (_, piece) in self.SPECIALS.items()},
-                max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1, minloglevel=2)
-        except RuntimeError as e:
-            raise _sentencepiece_error(e, vocab_size) from None
-        self._set_model(model.getvalue())
+        self._set_model(train_sentencepiece_model(lines, vocab_size, self.character_coverage, self.SPECIALS))
         return self
 
     def _set_model(self, model_proto: bytes) -> None:
@@ -682,22 +546,24 @@ def _sentencepiece_error(error: RuntimeError, vocab_size: int) -> Exception:
                            f"{too_small.group(2)} or more.")
     return error
 
-# %% ../nbs/02_tokenizer.ipynb #f24945b9
+# %% ../nbs/02_tokenizer.ipynb #2947e530
 TOKENIZER_KINDS = {"char": CharTokenizer, "bpe": BPETokenizer, "sentencepiece": SentencePieceTokenizer}
 
 
-def make_tokenizer(kind: str, **options) -> Tokenizer:
-    "An untrained tokenizer of `kind` ('char', 'bpe' or 'sentencepiece')."
-    if kind not in TOKENIZER_KINDS:
-        raise CourseError(f"unknown tokenizer kind {kind!r}; use one of {', '.join(TOKENIZER_KINDS)}.")
+def make_tokenizer(kind: str, kinds: dict[str, type] | None = None, **options) -> Tokenizer:
+    "An untrained tokenizer of `kind` ('char', 'bpe' or 'sentencepiece'), of the class `kinds` names for it."
+    kinds = TOKENIZER_KINDS if kinds is None else kinds
+    if kind not in kinds:
+        raise CourseError(f"unknown tokenizer kind {kind!r}; use one of {', '.join(kinds)}.")
     try:
-        return TOKENIZER_KINDS[kind](**options)
+        return kinds[kind](**options)
     except TypeError as e:
-        raise CourseError(f"bad option for a {kind} tokenizer: {e}; see help({TOKENIZER_KINDS[kind].__name__}).") from None
+        raise CourseError(f"bad option for a {kind} tokenizer: {e}; see help({kinds[kind].__name__}).") from None
 
 
-def load_tokenizer(directory: str | Path) -> Tokenizer:
-    "The tokenizer saved in `directory`, whatever its kind."
+def load_tokenizer(directory: str | Path, kinds: dict[str, type] | None = None) -> Tokenizer:
+    "The tokenizer saved in `directory`, as the class `kinds` (default `TOKENIZER_KINDS`) names for its kind."
+    kinds = TOKENIZER_KINDS if kinds is None else kinds
     directory = Path(directory)
     path = directory / TOKENIZER_FILE
     fix = ("train one with `openllm-edu tokenizer train --kind bpe --vocab-size 4096 --input FILE "
@@ -706,22 +572,13 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         raise CourseError(f"no tokenizer in {directory} ({TOKENIZER_FILE} is missing); {fix}.")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-        tokenizer_class = TOKENIZER_KINDS[config["kind"]]
-        return tokenizer_class._from_saved(config, directory)
+        kind = config["kind"]
+        if kind in TOKENIZER_KINDS and kind not in kinds:
+            raise CourseError(f"{directory} holds a {kind} tokenizer, not {' or '.join(kinds)}; "
+                              "use load_tokenizer(directory) to load any kind.")
+        return kinds[kind]._from_saved(config, directory)
     except (ValueError, KeyError, TypeError, OSError) as e:
         raise CourseError(f"{directory} does not hold a valid tokenizer ({type(e).__name__}: {e}); {fix}.") from None
-
-
-def train_tokenizer(kind: str, texts: str | Iterable[str], vocab_size: int | None = None,
-                    out_dir: str | Path | None = None, **options) -> Tokenizer:
-    "Train a tokenizer of `kind` on `texts` (a list of documents) and save it to `out_dir` if given."
-    tokenizer = make_tokenizer(kind, **options)
-    if vocab_size is None and kind == "bpe":
-        raise CourseError("a bpe tokenizer needs a vocabulary size; pass --vocab-size (e.g. 4096).")
-    tokenizer.train(texts, vocab_size) if vocab_size is not None else tokenizer.train(texts)
-    if out_dir is not None:
-        tokenizer.save(out_dir)
-    return tokenizer
 
 # %% ../nbs/02_tokenizer.ipynb #e7a64442
 def tokenizer_stats(tokenizer: Tokenizer, texts: Sequence[str]) -> dict[str, float]:
@@ -731,51 +588,3 @@ def tokenizer_stats(tokenizer: Tokenizer, texts: Sequence[str]) -> dict[str, flo
     used = len(set().union(*map(set, encoded))) if encoded else 0
     return {"bytes_per_token": sum(len(t.encode("utf-8")) for t in texts) / max(tokens, 1),
             "vocab_used": used / tokenizer.vocab_size, "tokens": tokens}
-
-# %% ../nbs/02_tokenizer.ipynb #273aae9e
-def time_tokenizer_training(kind: str, vocab_size: int, max_bytes: int | None = None,
-                            documents: list[str] | None = None, **options) -> TokenizerTiming:
-    "Train a tokenizer on the course corpus (all of it unless `max_bytes`) and time it."
-    if documents is None:
-        from openllm_edu.data import shakespeare_documents
-        documents = shakespeare_documents(max_bytes=max_bytes)
-    tokenizer = make_tokenizer(kind, **options)
-    start = time.perf_counter()
-    tokenizer.train(documents, vocab_size)
-    seconds = time.perf_counter() - start
-    tokens = sum(len(ids) for ids in tokenizer.encode_batch(documents))
-    corpus_bytes = sum(len(d.encode("utf-8")) for d in documents)
-    label = f"bpe ({_pattern_label(tokenizer.split_pattern)})" if kind == "bpe" else kind
-    return TokenizerTiming("train", label, corpus_bytes, tokenizer.vocab_size, seconds,
-                           bytes_per_token=corpus_bytes / max(tokens, 1))
-
-
-def bench_tokenizers(text_bytes: int = 100_000, vocab_size: int = 512,
-                     split_patterns: Sequence[str | None] = (None, "gpt4"), full_corpus: bool = True,
-                     bpe_vocab_size: int = 8_000, sentencepiece_vocab_size: int = 32_000,
-                     max_bytes: int | None = None) -> list[TokenizerTiming]:
-    """Naive vs incremental BPE on `text_bytes` of the corpus for each split pattern; then, if `full_corpus`,
-    BPE (each pattern) and SentencePiece trained on the corpus (all of it unless `max_bytes`)."""
-    from openllm_edu.data import shakespeare_documents
-    small = shakespeare_documents(max_bytes=text_bytes)
-    rows = [bench_bpe_training(text_bytes, vocab_size, p, documents=small) for p in split_patterns]
-    if full_corpus:
-        documents = shakespeare_documents(max_bytes=max_bytes)
-        rows += [time_tokenizer_training("bpe", bpe_vocab_size, documents=documents, split_pattern=p)
-                 for p in split_patterns]
-        rows.append(time_tokenizer_training("sentencepiece", sentencepiece_vocab_size, documents=documents))
-    return rows
-
-
-def format_tokenizer_bench(rows: Sequence[TokenizerTiming]) -> str:
-    "The rows of `bench_tokenizers` as a text table."
-    lines = [f"{'task':28} {'tokenizer':14} {'corpus':>10} {'vocab':>6} {'seconds':>8} {'naive s':>8} "
-             f"{'speedup':>8} {'bytes/tok':>9}"]
-    for r in rows:
-        naive = "" if r.reference_seconds is None else f"{r.reference_seconds:8.2f}"
-        speedup = "" if r.speedup is None else f"{r.speedup:7.1f}x"
-        bpt = "" if r.bytes_per_token is None else f"{r.bytes_per_token:9.2f}"
-        check = "" if r.same_merges is None else ("  same merges" if r.same_merges else "  MERGES DIFFER")
-        lines.append(f"{r.task:28} {r.tokenizer:14} {r.corpus_bytes:>10,} {r.vocab_size:>6} {r.seconds:8.2f} "
-                     f"{naive:>8} {speedup:>8} {bpt:>9}{check}")
-    return "\n".join(lines)

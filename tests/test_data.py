@@ -1,4 +1,5 @@
-"""Chapter 01 (openllm_edu.data): corpora, cleaning, the hash split, token files and batches."""
+"""Chapter 01 (openllm_edu.data): the corpus, cleaning, the hash split, token files and batches; its deep dive
+01b (openllm_edu.sources): SQuAD, your own files, the cleaning report; and prepare_data (deep dive 02b)."""
 import hashlib
 import json
 import os
@@ -12,12 +13,33 @@ import numpy as np
 import pytest
 import torch
 
-from openllm_edu import data
+from openllm_edu import sources
 from openllm_edu.core import CourseError
-from openllm_edu.data import (BatchSampler, clean_documents, dedupe_documents, find_text_files, get_batch,
-                              hash_split, hash_value, load_corpus, load_squad, load_text_files, load_token_file,
-                              normalize_document, play_scenes, prepare_data, read_token_metadata,
-                              shakespeare_documents, squad_contexts, take_bytes, token_dtype, write_token_file)
+from openllm_edu.data import (
+    BatchSampler,
+    dedupe_documents,
+    get_batch,
+    hash_split,
+    hash_value,
+    load_token_file,
+    normalize_document,
+    play_scenes,
+    read_token_metadata,
+    shakespeare_documents,
+    take_bytes,
+    token_dtype,
+    write_splits,
+    write_token_file,
+)
+from openllm_edu.fast_bpe import prepare_data
+from openllm_edu.sources import (
+    clean_documents,
+    find_text_files,
+    load_corpus,
+    load_squad,
+    load_text_files,
+    squad_contexts,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 NORMANS = ("The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, "
@@ -187,7 +209,7 @@ def test_load_squad_offline_fails_fast(tmp_path):
     script = textwrap.dedent("""
         import time
         from openllm_edu.core import CourseError
-        from openllm_edu.data import load_squad
+        from openllm_edu.sources import load_squad
         start = time.perf_counter()
         try:
             load_squad("2.0")
@@ -203,8 +225,8 @@ def test_load_squad_offline_fails_fast(tmp_path):
 
 
 def test_load_squad_unreachable_hub_fails_fast(monkeypatch):
-    monkeypatch.setattr(data, "hub_offline", lambda: False)
-    monkeypatch.setattr(data, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(sources, "hub_offline", lambda: False)
+    monkeypatch.setattr(sources, "_hub_reachable", lambda timeout=3.0: False)
     start = time.perf_counter()
     with pytest.raises(CourseError, match="HF_HUB_OFFLINE=1"):
         load_squad("1.1")
@@ -440,7 +462,7 @@ def test_prepare_data_with_a_stand_in_tokenizer(tmp_path):
 
 
 def test_prepare_data_with_a_saved_tokenizer(tmp_path):
-    tokenizer_module = pytest.importorskip("openllm_edu.tokenizer")
+    from openllm_edu import tokenizer as tokenizer_module
     docs = shakespeare_documents(max_bytes=20_000)
     tokenizer = tokenizer_module.make_tokenizer("char").train(docs, None)
     tokenizer.save(tmp_path / "tok")
@@ -464,8 +486,8 @@ def test_load_squad_download_path_uses_all_splits_train_first(monkeypatch):
     splits = datasets.DatasetDict({"validation": datasets.Dataset.from_list(rows[5:]),
                                    "train": datasets.Dataset.from_list(rows[:5])})
     asked = []
-    monkeypatch.setattr(data, "hub_offline", lambda: False)
-    monkeypatch.setattr(data, "_hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(sources, "hub_offline", lambda: False)
+    monkeypatch.setattr(sources, "_hub_reachable", lambda timeout=3.0: True)
     monkeypatch.setattr(datasets, "load_dataset", lambda repo, **kw: asked.append(repo) or splits)
     assert load_squad("2.0") == [NORMANS, COMPLEXITY, PHOTOSYNTHESIS]
     assert asked == ["rajpurkar/squad_v2"]
@@ -476,6 +498,26 @@ def test_hub_offline_reads_the_environment(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    assert not data.hub_offline()
+    assert not sources.hub_offline()
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    assert data.hub_offline()
+    assert sources.hub_offline()
+
+
+def test_write_splits_writes_each_split(tmp_path):
+    splits = {"train": ["to be", "or not"], "val": ["that is"]}
+    written = write_splits(splits, ByteTokenizer(), tmp_path)
+    assert written == {"train": dict(documents=2, bytes=11, tokens=13, file="train.bin"),
+                       "val": dict(documents=1, bytes=7, tokens=8, file="val.bin")}
+    val = load_token_file(tmp_path / "val", tokenizer_fingerprint="bytes-v1")
+    assert val.tolist() == list(b"that is") + [256]
+
+
+def test_chapter_01_imports_no_later_chapter():
+    "data (01) and sources (01b) never import the tokenizer (02), not even inside a function."
+    script = ("import sys, openllm_edu.data, openllm_edu.sources; "
+              "print(sorted(m for m in sys.modules if m.startswith('openllm_edu.')))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120)
+    assert eval(out.stdout) == ["openllm_edu.core", "openllm_edu.data", "openllm_edu.sources"]
+    for module in ("data", "sources"):
+        text = (Path(__file__).parent.parent / "openllm_edu" / f"{module}.py").read_text()
+        assert "tokenizer import" not in text and "fast_bpe" not in text

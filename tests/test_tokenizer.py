@@ -1,5 +1,5 @@
-"""Behaviour of openllm_edu.tokenizer: every tokenizer round-trips any Unicode text, the fast BPE trainer and
-encoder agree exactly with the obvious reference versions, and bad input is a CourseError that says what to do."""
+"""Behaviour of openllm_edu.tokenizer (chapter 02) and openllm_edu.fast_bpe (deep dive 02b): every tokenizer
+round-trips any Unicode text, the fast BPE trainer and encoder agree exactly with the obvious reference versions, and bad input is a CourseError that says what to do."""
 import warnings
 
 import pytest
@@ -8,10 +8,32 @@ from hypothesis import strategies as st
 
 from openllm_edu.core import CourseError
 from openllm_edu.data import shakespeare_documents
+from openllm_edu.fast_bpe import (
+    FAST_TOKENIZER_KINDS,
+    FastBPETokenizer,
+    PairHeap,
+    bench_bpe_training,
+    encode_chunk,
+    format_tokenizer_bench,
+    time_tokenizer_training,
+    train_bpe_incremental,
+    train_tokenizer,
+)
 from openllm_edu.tokenizer import (
-    BPETokenizer, CharTokenizer, EOS_TOKEN, SentencePieceTokenizer, bpe_decode, bpe_encode, encode_chunk,
-    format_tokenizer_bench, get_stats, load_tokenizer, make_tokenizer, merge, split_text, time_tokenizer_training,
-    train_bpe_incremental, train_bpe_naive, train_tokenizer, bench_bpe_training,
+    EOS_TOKEN,
+    BPETokenizer,
+    CharTokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+    bpe_decode,
+    bpe_encode,
+    get_stats,
+    load_tokenizer,
+    make_tokenizer,
+    merge,
+    most_frequent_pair,
+    split_text,
+    train_bpe_naive,
 )
 
 TRICKY = ["\u2581", " ", "  ", "\n", "\r\n", "\t", "<s>", "</s>", "<unk>", "<0x41>", EOS_TOKEN, "a", "é", "e\u0301",
@@ -34,11 +56,12 @@ def tokenizers(corpus):
         "char": CharTokenizer().train(corpus),
         "bpe-none": BPETokenizer(None).train(corpus, 400),
         "bpe-gpt4": BPETokenizer("gpt4").train(corpus, 400),
+        "fast-bpe-gpt4": FastBPETokenizer("gpt4").train(corpus, 400),
         "sentencepiece": SentencePieceTokenizer().train(corpus, 400),
     }
 
 
-KINDS = ["char", "bpe-none", "bpe-gpt4", "sentencepiece"]
+KINDS = ["char", "bpe-none", "bpe-gpt4", "fast-bpe-gpt4", "sentencepiece"]
 
 
 # --- known answers -------------------------------------------------------------------------------------------
@@ -152,7 +175,7 @@ def test_encode_batch_matches_encode(tokenizers, kind, texts):
 def test_save_load(tokenizers, corpus, kind, tmp_path):
     tokenizer = tokenizers[kind]
     directory = tokenizer.save(tmp_path / "tok")
-    loaded = load_tokenizer(directory)
+    loaded = load_tokenizer(directory, FAST_TOKENIZER_KINDS if kind.startswith("fast") else None)
     assert type(loaded) is type(tokenizer)
     assert loaded.fingerprint == tokenizer.fingerprint and len(tokenizer.fingerprint) == 64
     assert loaded.vocab_size == tokenizer.vocab_size and loaded.special_ids == tokenizer.special_ids
@@ -163,7 +186,9 @@ def test_save_load(tokenizers, corpus, kind, tmp_path):
 
 
 def test_fingerprint_tells_tokenizers_apart(tokenizers, corpus):
-    assert len({t.fingerprint for t in tokenizers.values()}) == len(tokenizers)
+    distinct = {name: t for name, t in tokenizers.items() if name != "fast-bpe-gpt4"}  # same as bpe-gpt4
+    assert len({t.fingerprint for t in distinct.values()}) == len(distinct)
+    assert tokenizers["fast-bpe-gpt4"].fingerprint == tokenizers["bpe-gpt4"].fingerprint
     assert SentencePieceTokenizer().train(corpus, 400).fingerprint == tokenizers["sentencepiece"].fingerprint
     assert BPETokenizer(None).train(corpus, 400).fingerprint == tokenizers["bpe-none"].fingerprint
 
@@ -247,3 +272,51 @@ def test_benchmark_functions_run(corpus):
     timing = time_tokenizer_training("bpe", 300, documents=corpus, split_pattern=None)
     assert timing.vocab_size == 300 and timing.bytes_per_token > 1
     assert "same merges" in format_tokenizer_bench([row, timing])
+
+
+# --- the fast BPE of deep dive 02b against chapter 02's -------------------------------------------------------
+
+@pytest.mark.parametrize("split_pattern", PATTERNS)
+def test_fast_bpe_tokenizer_equals_the_lesson_one(corpus, split_pattern, tmp_path):
+    slow, fast = BPETokenizer(split_pattern).train(corpus, 350), FastBPETokenizer(split_pattern).train(corpus, 350)
+    assert fast.merges == slow.merges and fast.fingerprint == slow.fingerprint
+    for text in corpus + TRICKY:
+        assert fast.encode(text) == slow.encode(text)
+    folder = fast.save(tmp_path / "tok")
+    assert type(load_tokenizer(folder)) is BPETokenizer
+    assert type(load_tokenizer(folder, FAST_TOKENIZER_KINDS)) is FastBPETokenizer
+    assert type(FastBPETokenizer.load(folder)) is FastBPETokenizer and type(Tokenizer.load(folder)) is BPETokenizer
+    assert type(train_tokenizer("bpe", corpus, 300)) is FastBPETokenizer
+
+
+def test_load_as_a_class_refuses_another_kind(tokenizers, tmp_path):
+    folder = tokenizers["char"].save(tmp_path / "char")
+    with pytest.raises(CourseError, match="holds a char tokenizer, not bpe"):
+        BPETokenizer.load(folder)
+
+
+def test_pair_heap_pops_like_most_frequent_pair_and_skips_stale_entries():
+    token_bytes = [bytes([i]) for i in range(256)]
+    key = [tuple(-b for b in t) + (1,) for t in token_bytes]
+    counts = {(97, 98): 3, (98, 99): 3, (99, 97): 1, (120, 121): 2}
+    heap = PairHeap(counts, key)
+    assert heap.pop_best() == most_frequent_pair(counts, token_bytes) == (98, 99)
+    del counts[(98, 99)]
+    counts[(97, 98)] = 1  # lower now: the entry with count 3 is stale
+    heap.push((97, 98))
+    assert heap.pop_best() == most_frequent_pair(counts, token_bytes) == (120, 121)
+    del counts[(120, 121)]
+    assert heap.pop_best() == most_frequent_pair(counts, token_bytes) == (99, 97)  # tie at 1: b"c" > b"a"
+    del counts[(99, 97)]
+    assert heap.pop_best() == (97, 98)
+    del counts[(97, 98)]
+    assert heap.pop_best() is None
+
+
+def test_tokenizer_imports_no_later_chapter():
+    import subprocess
+    import sys
+    script = ("import sys, openllm_edu.tokenizer; "
+              "print(sorted(m for m in sys.modules if m.startswith('openllm_edu.')))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120)
+    assert eval(out.stdout) == ["openllm_edu.core", "openllm_edu.tokenizer"]

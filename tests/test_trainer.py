@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 
 from openllm_edu.core import CourseError
-from openllm_edu.data import prepare_data, shakespeare_documents
+from openllm_edu.data import shakespeare_documents
+from openllm_edu.fast_bpe import prepare_data
 from openllm_edu.model import GPT, GPTConfig
 from openllm_edu.tokenizer import make_tokenizer
 from openllm_edu.optim import Lion, OptimizerConfig, decay_groups, make_optimizer
