@@ -15,8 +15,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from openllm_edu.fast_bpe import FastBPETokenizer, train_bpe_incremental
 from openllm_edu.model import GPT, GPTConfig
-from openllm_edu.tokenizer import BPETokenizer, SentencePieceTokenizer, train_bpe_incremental, train_bpe_naive
+from openllm_edu.tokenizer import BPETokenizer, SentencePieceTokenizer, train_bpe_naive
 
 FIXTURES = Path(__file__).parent / "fixtures" / "reference"
 TEXT = (FIXTURES / "training_text.txt").read_text(encoding="utf-8")
@@ -49,8 +50,9 @@ def test_bpe_learns_the_merges_of_hugging_face_tokenizers(train):
     assert _merged_bytes(merges) == BPE["merges"]
 
 
-def test_bpe_splits_text_as_hugging_face_tokenizers_does():
-    tokenizer = BPETokenizer(split_pattern="gpt2").train(TEXT, 256 + len(BPE["merges"]) + 1)  # + <|endoftext|>
+@pytest.mark.parametrize("kind", [BPETokenizer, FastBPETokenizer])
+def test_bpe_splits_text_as_hugging_face_tokenizers_does(kind):
+    tokenizer = kind(split_pattern="gpt2").train(TEXT, 256 + len(BPE["merges"]) + 1)  # + <|endoftext|>
     for text, tokens in BPE["probes"].items():
         ids = tokenizer.encode(text)
         assert [tokenizer.token_bytes[i].hex() for i in ids] == tokens, text
