@@ -1,14 +1,28 @@
 """Attention (chapter 04): every version against slow references, values and gradients, in float32."""
-import math
 
 import pytest
 import torch
 from einops import repeat
 
-from openllm_edu.attention import (KVCache, CausalSelfAttention, RotaryEmbedding, apply_rope, attention_cost,
-                                   attention_loops, attention_naive, causal_attention, causal_mask,
-                                   format_attention_cost, fused_causal_attention, merge_heads, peak_bytes_cpu,
-                                   repeat_kv, rope_cache, sliding_window_mask, split_heads)
+from openllm_edu.attention import (
+    CausalSelfAttention,
+    KVCache,
+    RotaryEmbedding,
+    apply_rope,
+    attention_cost,
+    attention_loops,
+    attention_naive,
+    causal_attention,
+    causal_mask,
+    format_attention_cost,
+    fused_causal_attention,
+    merge_heads,
+    peak_bytes_cpu,
+    repeat_kv,
+    rope_cache,
+    sliding_window_mask,
+    split_heads,
+)
 from openllm_edu.core import CourseError
 
 TOL = 1e-5  # float32, values and gradients

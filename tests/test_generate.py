@@ -11,9 +11,22 @@ import torch
 
 from openllm_edu.attention import causal_attention
 from openllm_edu.core import CourseError
-from openllm_edu.generate import (CachedLogits, GenerationConfig, apply_repetition_penalty, apply_temperature,
-                                  context_logits, generate, generate_text, kv_cache_bytes, kv_cache_step,
-                                  sample_tokens, stream_pieces, stream_text, top_k_filter, top_p_filter)
+from openllm_edu.generate import (
+    CachedLogits,
+    GenerationConfig,
+    apply_repetition_penalty,
+    apply_temperature,
+    context_logits,
+    generate,
+    generate_text,
+    kv_cache_bytes,
+    kv_cache_step,
+    sample_tokens,
+    stream_pieces,
+    stream_text,
+    top_k_filter,
+    top_p_filter,
+)
 from openllm_edu.model import GPT, GPTConfig, load_pretrained, save_pretrained
 from openllm_edu.tokenizer import BPETokenizer
 

@@ -12,8 +12,20 @@ from hypothesis import strategies as st
 
 from openllm_edu.core import CourseError
 from openllm_edu.metrics import (
-    BigramCounts, LMEvaluation, NeuralBigram, bigram_loss, bits_per_byte, bits_per_byte_from_loss, count_bigrams,
-    count_utf8_bytes, cross_entropy, evaluate_lm, log_softmax, perplexity, sample_bigram, sample_from_probs,
+    BigramCounts,
+    LMEvaluation,
+    NeuralBigram,
+    bigram_loss,
+    bits_per_byte,
+    bits_per_byte_from_loss,
+    count_bigrams,
+    count_utf8_bytes,
+    cross_entropy,
+    evaluate_lm,
+    log_softmax,
+    perplexity,
+    sample_bigram,
+    sample_from_probs,
 )
 
 SETTINGS = settings(max_examples=100, deadline=None)

@@ -13,8 +13,17 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from openllm_edu.core import CourseError
 from openllm_edu.model import (
-    GPT, IGNORE_INDEX, PRESETS, GPTConfig, SwiGLUMLP, estimate_num_params, flops_per_token, load_pretrained,
-    param_breakdown, save_pretrained, swiglu,
+    GPT,
+    IGNORE_INDEX,
+    PRESETS,
+    GPTConfig,
+    SwiGLUMLP,
+    estimate_num_params,
+    flops_per_token,
+    load_pretrained,
+    param_breakdown,
+    save_pretrained,
+    swiglu,
 )
 from openllm_edu.tokenizer import CharTokenizer
 

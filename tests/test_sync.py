@@ -51,4 +51,4 @@ def test_exercises_are_generated_from_solutions():
 
     differences = release_differences(ROOT / "solutions", ROOT / "exercises")
     assert not differences, ("exercises/ is out of sync with solutions/: run `openllm-edu instructor release` "
-                             f"and commit exercises/:\n" + "\n".join(differences))
+                             "and commit exercises/:\n" + "\n".join(differences))
