@@ -249,7 +249,7 @@ def _course_dir(name: str, given: str | None) -> Path:
 
 
 def cmd_instructor_release(args) -> int:
-    from openllm_edu.grading import release, release_differences
+    from openllm_edu.exercises import release, release_differences
 
     solutions, exercises = _course_dir("solutions", args.solutions), _course_dir("exercises", args.exercises)
     if args.check:
@@ -262,7 +262,8 @@ def cmd_instructor_release(args) -> int:
 
 
 def cmd_grade(args) -> int:
-    from openllm_edu.autograde import grade, grade_folder, read_secret
+    from openllm_edu.autograde import grade, grade_folder
+    from openllm_edu.submission import read_secret
 
     secret, solutions = read_secret(args.secret_file), _course_dir("solutions", args.solutions)
     if Path(args.submission).is_dir():

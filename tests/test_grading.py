@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import torch
 
-from openllm_edu import grading, sandbox
+from openllm_edu import exercises, grading, sandbox, wire
 from openllm_edu.autograde import GradeReport, grade
 from openllm_edu.core import CourseError, load_settings
-from openllm_edu.grading import (Case, check_against_reference, difference, expect_equal, grader_seed, in_submission,
-                                 release, release_differences)
+from openllm_edu.exercises import release, release_differences
+from openllm_edu.grading import Case, check_against_reference, difference, expect_equal, grader_seed, in_submission
 
 FIXTURE = Path(__file__).parent / "fixtures" / "grading"
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +48,7 @@ def solution():
 
 def solution_code(nb, grade_id: str) -> str:
     "The source of the solution cell whose grade_id is `<grade_id>_code`."
-    return next(c.source for c in nb.cells if grading._nbgrader(c).get("grade_id") == f"{grade_id}_code")
+    return next(c.source for c in nb.cells if exercises.nbgrader_of(c).get("grade_id") == f"{grade_id}_code")
 
 
 def script(tmp_path: Path, name: str, *cells: str) -> Path:
@@ -208,7 +208,7 @@ def test_points_must_match_settings(course, settings):
 
 def test_release_rejects_malformed_solutions(course, settings, solution):
     broken = nbformat.from_dict(json.loads(json.dumps(solution)))
-    graded = [c for c in broken.cells if grading.is_graded_cell(c)]
+    graded = [c for c in broken.cells if exercises.is_graded_cell(c)]
     graded[1].metadata["nbgrader"]["grade_id"] = graded[0].metadata["nbgrader"]["grade_id"]
     nbformat.write(broken, course / "solutions" / "99_toy.ipynb")
     with pytest.raises(CourseError, match="'running_sum' is used twice"):
@@ -240,7 +240,7 @@ def test_half_done_submission_scores_in_between(course, settings, solution):
     nb = nbformat.read(exercise, as_version=4)
     for cell in nb.cells:
         for grade_id in ("running_sum", "histogram"):
-            if grading._nbgrader(cell).get("grade_id") == f"{grade_id}_code":
+            if exercises.nbgrader_of(cell).get("grade_id") == f"{grade_id}_code":
                 cell.source = solution_code(solution, grade_id)
     submission = course / "alice_99_toy.ipynb"
     nbformat.write(nb, submission)
@@ -266,7 +266,7 @@ def test_jupytext_submissions(tmp_path, settings, solution):
     (tmp_path / "carol_99_toy.py").write_text(jupytext.writes(solution, fmt="py:percent"))
     report = grade(tmp_path / "carol_99_toy.py", solutions_dir=FIXTURE / "solutions", settings=settings)
     assert report.total == 5 and report.assignment == "99_toy"
-    exercise = grading.release_notebook(solution, "99_toy")
+    exercise = exercises.release_notebook(solution, "99_toy")
     for cell in exercise.cells:
         cell.metadata = {}
     plain = jupytext.writes(exercise, fmt="py:percent")
@@ -408,7 +408,7 @@ def test_a_cell_that_ends_the_process_before_the_functions(tmp_path, settings, s
 
 def test_arguments_changed_in_place_and_returned_objects_come_back(tmp_path, settings):
     "The stand-in behaves like a local call: in-place changes and `result is argument` are mirrored."
-    from openllm_edu.autograde import SubmissionFunction, SubmissionSession
+    from openllm_edu.session import SubmissionFunction, SubmissionSession
     cells = [{"label": "cell 1", "source": "def scale_(t, factor):\n    t *= factor\n    return t\n"
                                               "def fill(xs, d):\n    xs.append(len(xs))\n    d['k'] = 1\n"
                                               "def draw(g):\n    import torch\n    return torch.rand(2, generator=g)"}]
@@ -426,7 +426,7 @@ def test_arguments_changed_in_place_and_returned_objects_come_back(tmp_path, set
         assert torch.equal(draw(mine), torch.rand(2, generator=theirs))
         assert torch.equal(torch.rand(2, generator=mine), torch.rand(2, generator=theirs)), "generator state mirrored"
     finally:
-        session._retire()
+        session.retire()
 
 
 def test_in_submission_runs_the_recipe_locally_outside_the_grader():
@@ -499,7 +499,7 @@ def test_private_tests_add_to_an_item(tmp_path, settings, solution):
 
 
 def test_seeds_come_from_the_secret_and_the_file_name(tmp_path, settings, solution):
-    from openllm_edu.autograde import grading_seed
+    from openllm_edu.submission import grading_seed
     path = script(tmp_path, "pat_99_toy.py", *all_solutions(solution))
     first = grade(path, solutions_dir=FIXTURE / "solutions", settings=settings, secret="s1")
     again = grade(path, solutions_dir=FIXTURE / "solutions", settings=settings, secret="s1")
@@ -519,7 +519,7 @@ def test_seeds_come_from_the_secret_and_the_file_name(tmp_path, settings, soluti
     torch.Size([1, 2]), slice(None, 3),
 ])
 def test_values_survive_the_wire(value):
-    back = sandbox.unpack_message(*_split(sandbox.pack_message({"v": value})))["v"]
+    back = wire.unpack_message(*_split(wire.pack_message({"v": value})))["v"]
     assert type(back) is type(value)
     if isinstance(value, torch.Tensor):
         assert back.dtype == value.dtype and torch.equal(back, value)
@@ -542,29 +542,29 @@ def _split(frame: bytes) -> tuple[bytes, bytes]:
 ])
 def test_hostile_messages_are_rejected(data):
     import json as json_module
-    with pytest.raises(sandbox.WireError):
-        sandbox.unpack_message(json_module.dumps({"v": data}).encode(), b"")
+    with pytest.raises(wire.WireError):
+        wire.unpack_message(json_module.dumps({"v": data}).encode(), b"")
 
 
 def test_frames_are_checked_before_they_are_read():
     read_end, write_end = os.pipe()
     try:
-        os.write(write_end, sandbox.MAGIC + (2**31).to_bytes(4, "little") + (0).to_bytes(8, "little"))
-        with pytest.raises(sandbox.WireError, match="larger than allowed"):
-            sandbox.receive_message(read_end, deadline=time.monotonic() + 5)
+        os.write(write_end, wire.MAGIC + (2**31).to_bytes(4, "little") + (0).to_bytes(8, "little"))
+        with pytest.raises(wire.WireError, match="larger than allowed"):
+            wire.receive_message(read_end, deadline=time.monotonic() + 5)
         os.write(write_end, b"\x00" * 16)
-        with pytest.raises(sandbox.WireError, match="instead of"):
-            sandbox.receive_message(read_end, deadline=time.monotonic() + 5)
+        with pytest.raises(wire.WireError, match="instead of"):
+            wire.receive_message(read_end, deadline=time.monotonic() + 5)
         with pytest.raises(TimeoutError):
-            sandbox.receive_message(read_end, deadline=time.monotonic() + 0.2)
+            wire.receive_message(read_end, deadline=time.monotonic() + 0.2)
     finally:
         os.close(read_end)
         os.close(write_end)
 
 
 def test_unsendable_values_name_their_type():
-    with pytest.raises(sandbox.WireError, match="torch.nn.modules.linear.Linear cannot be sent"):
-        sandbox.pack_message({"v": torch.nn.Linear(2, 2)})
+    with pytest.raises(wire.WireError, match="torch.nn.modules.linear.Linear cannot be sent"):
+        wire.pack_message({"v": torch.nn.Linear(2, 2)})
 
 
 # ---------------------------------------------------------------- the real course
@@ -580,7 +580,7 @@ def test_real_solutions_score_full_and_exercises_zero(stem, tmp_path):
     solutions = tmp_path / "solutions"  # a copy: the repository's files stay untouched whatever happens
     shutil.copytree(REPO / "solutions", solutions)
     exercise = tmp_path / f"{stem}.ipynb"
-    exercise.write_bytes(grading.render_exercise(solution_path, settings))
+    exercise.write_bytes(exercises.render_exercise(solution_path, settings))
     full = grade(solutions / f"{stem}.ipynb", solutions_dir=solutions, settings=settings)
     assert full.total == full.max_total == sum(settings.exercise_points[stem].values()), str(full)
     assert not full.cell_errors, str(full)
@@ -593,9 +593,9 @@ def test_real_half_done_submission_scores_in_between(stem, tmp_path):
     "The last exercise left as released (later ones can build on earlier ones): only its points are lost."
     settings = load_settings(REPO / "settings.ini")
     solved = nbformat.read(REPO / "solutions" / f"{stem}.ipynb", as_version=4)
-    released = nbformat.reads(grading.render_exercise(REPO / "solutions" / f"{stem}.ipynb", settings).decode(),
+    released = nbformat.reads(exercises.render_exercise(REPO / "solutions" / f"{stem}.ipynb", settings).decode(),
                               as_version=4)
-    last = max(i for i, c in enumerate(solved.cells) if grading._nbgrader(c).get("solution"))
+    last = max(i for i, c in enumerate(solved.cells) if exercises.nbgrader_of(c).get("solution"))
     solved.cells[last] = released.cells[last]
     submission = tmp_path / f"{stem}.ipynb"
     nbformat.write(solved, submission)

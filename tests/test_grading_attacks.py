@@ -1,4 +1,4 @@
-"""Attacks on the grader (openllm_edu.autograde + openllm_edu.sandbox), and what must happen to each.
+"""Attacks on the grader (openllm_edu.autograde and the modules below it), and what must happen to each.
 
 Every attack is a jupytext percent fixture in tests/fixtures/grading/attacks/ that holds only the attack: its
 cells and the graded functions it breaks or cheats on. `submission` makes the graded file from it: the solution
@@ -66,8 +66,9 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from openllm_edu import grading, sandbox
-from openllm_edu.autograde import GradeReport, grade, grade_folder, grading_seed, report_markdown
+from openllm_edu import exercises, sandbox
+from openllm_edu.autograde import GradeReport, grade, grade_folder, report_markdown
+from openllm_edu.submission import grading_seed
 from openllm_edu.core import load_settings
 
 FIXTURE = Path(__file__).parent / "fixtures" / "grading"
@@ -103,13 +104,13 @@ def solution():
 def honest_cells(notebook: Path) -> tuple[str, dict[str, str]]:
     "A solution notebook's setup imports cell (its first locked code cell) and its solution cells, by function."
     cells = nbformat.read(notebook, as_version=4).cells
-    setup = next(c.source for c in cells if c.cell_type == "code" and grading._nbgrader(c).get("locked")
-                 and not grading._nbgrader(c).get("grade") and not grading._nbgrader(c).get("solution"))
+    setup = next(c.source for c in cells if c.cell_type == "code" and exercises.nbgrader_of(c).get("locked")
+                 and not exercises.nbgrader_of(c).get("grade") and not exercises.nbgrader_of(c).get("solution"))
     solved = {}
     for cell in cells:
-        if cell.cell_type == "code" and grading._nbgrader(cell).get("grade_id", "").endswith("_code"):
+        if cell.cell_type == "code" and exercises.nbgrader_of(cell).get("grade_id", "").endswith("_code"):
             source = "\n".join(line for line in cell.source.split("\n")
-                               if line.strip() not in (grading.SOLUTION_BEGIN, grading.SOLUTION_END))
+                               if line.strip() not in (exercises.SOLUTION_BEGIN, exercises.SOLUTION_END))
             [function] = [node.name for node in ast.parse(source).body if isinstance(node, ast.FunctionDef)]
             solved[function] = source
     return setup, solved
@@ -221,13 +222,13 @@ def require_cgroup() -> None:
 
 
 def hidden_test_lines(notebook: Path) -> list[str]:
-    "The distinctive lines of a solution notebook's hidden tests (the markers are public: grading.py has them)."
+    "The distinctive lines of a solution notebook's hidden tests (the markers are public: exercises.py has them)."
     lines = []
     for cell in nbformat.read(notebook, as_version=4).cells:
         inside = False
         for line in cell.source.split("\n"):
-            if grading.HIDDEN_BEGIN in line or grading.HIDDEN_END in line:
-                inside = grading.HIDDEN_BEGIN in line
+            if exercises.HIDDEN_BEGIN in line or exercises.HIDDEN_END in line:
+                inside = exercises.HIDDEN_BEGIN in line
             elif inside and len(line.strip()) >= 20:
                 lines.append(line.strip())
     return lines
@@ -487,10 +488,10 @@ def test_unsendable_results_score_zero_with_a_reason(tmp_path, toy_settings, fix
 
 def solved_notebook(solution) -> nbformat.NotebookNode:
     "The released exercise with every solution cell filled in, as a student would hand it in."
-    nb = grading.release_notebook(solution, "99_toy")
-    answers = {grading._nbgrader(c).get("grade_id"): c.source for c in solution.cells}
+    nb = exercises.release_notebook(solution, "99_toy")
+    answers = {exercises.nbgrader_of(c).get("grade_id"): c.source for c in solution.cells}
     for cell in nb.cells:
-        grade_id = grading._nbgrader(cell).get("grade_id", "")
+        grade_id = exercises.nbgrader_of(cell).get("grade_id", "")
         if grade_id.endswith("_code"):
             cell.source = answers[grade_id]
     return nb
@@ -540,9 +541,9 @@ def _odd_metadata(tmp_path, solution):
 
 def _no_imports_cell(tmp_path, solution):
     nb = solved_notebook(solution)
-    nb.cells = [c for c in nb.cells if grading._nbgrader(c).get("grade_id") != "imports"]
+    nb.cells = [c for c in nb.cells if exercises.nbgrader_of(c).get("grade_id") != "imports"]
     for cell in nb.cells:
-        if grading._nbgrader(cell).get("grade_id", "").endswith("_code"):
+        if exercises.nbgrader_of(cell).get("grade_id", "").endswith("_code"):
             head, _, body = cell.source.partition("\n")
             cell.source = f"{head}\n    import numpy as np\n    import torch\n{body}"
     path = tmp_path / "no_imports_99_toy.ipynb"
@@ -553,7 +554,7 @@ def _no_imports_cell(tmp_path, solution):
 def _magics(tmp_path, solution):
     nb = solved_notebook(solution)
     nb.cells.insert(1, nbformat.v4.new_code_cell("%matplotlib inline\n!echo hi\n%load_ext autoreload"))
-    histogram = next(c for c in nb.cells if grading._nbgrader(c).get("grade_id") == "histogram_code")
+    histogram = next(c for c in nb.cells if exercises.nbgrader_of(c).get("grade_id") == "histogram_code")
     histogram.source = "%%time\n" + histogram.source
     path = tmp_path / "magics_99_toy.ipynb"
     nbformat.write(nb, path)
@@ -620,10 +621,10 @@ def _class_folder(folder: Path, solution) -> dict[str, str]:
     folder.mkdir()
     solved = solved_notebook(solution)
     nbformat.write(solved, folder / "alice.ipynb")
-    nbformat.write(grading.release_notebook(solution, "99_toy"), folder / "bob.ipynb")
-    half = grading.release_notebook(solution, "99_toy")
+    nbformat.write(exercises.release_notebook(solution, "99_toy"), folder / "bob.ipynb")
+    half = exercises.release_notebook(solution, "99_toy")
     for cell, done in zip(half.cells, solved.cells):
-        if grading._nbgrader(cell).get("grade_id") in ("running_sum_code", "histogram_code"):
+        if exercises.nbgrader_of(cell).get("grade_id") in ("running_sum_code", "histogram_code"):
             cell.source = done.source
     nbformat.write(half, folder / "carol.ipynb")
     cheat = submission_text("honest_99_toy.py") + \

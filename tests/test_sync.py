@@ -47,7 +47,7 @@ def test_sync_check_can_fail(tmp_path):
 
 
 def test_exercises_are_generated_from_solutions():
-    from openllm_edu.grading import release_differences
+    from openllm_edu.exercises import release_differences
 
     differences = release_differences(ROOT / "solutions", ROOT / "exercises")
     assert not differences, ("exercises/ is out of sync with solutions/: run `openllm-edu instructor release` "
