@@ -324,7 +324,7 @@ def environment_report() -> list[CheckResult]:
     return [check_python(), *check_dependencies(), check_device(), check_bf16(), check_threads(), check_memory(),
             check_settings()]
 
-# %% ../nbs/00_setup.ipynb #e28d1463
+# %% ../nbs/00_setup.ipynb #23c0a34e
 PRECISIONS = ("fp32", "bf16", "fp16")  # fp32, or bf16 / fp16 autocast over fp32 parameters
 
 

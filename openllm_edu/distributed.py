@@ -442,7 +442,7 @@ def all_reduce_check() -> bool:
 ALL_REDUCE_CHECK = ["-c", "import sys; from openllm_edu.distributed import all_reduce_check; "
                           "sys.exit(0 if all_reduce_check() else 1)"]
 
-# %% ../nbs/09_distributed.ipynb #c0e96986
+# %% ../nbs/09_distributed.ipynb #ce8adf6f
 @dataclass(frozen=True)
 class DataParallel:
     "Chapter 07's strategy over torch.distributed: DDP (or FSDP2, kind='fsdp') across torchrun's processes."

@@ -355,7 +355,7 @@ def fit_micro_batch(step_fn: Callable, micro_batch: int, accumulation: int = 1, 
                 log(f"out of memory ({type(e).__name__}); retrying with micro-batch {micro_batch} × "
                     f"{accumulation} accumulation steps")
 
-# %% ../nbs/08_memory.ipynb #bc69cc47
+# %% ../nbs/08_memory.ipynb #e080142d
 def oom_back_off(budget_mb: float | None = None, log: Callable[[str], None] | None = print) -> Callable:
     """A step wrapper for chapter 07's Trainer: each step runs through `fit_micro_batch`, so an out-of-memory
     error, or an estimated peak above `budget_mb`, halves trainer.micro_batch (kept for later steps) and retries."""
