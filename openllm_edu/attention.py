@@ -21,8 +21,8 @@ from .core import CourseError
 
 # %% auto #0
 __all__ = ['attention_loops', 'attention_weights', 'attention_naive', 'causal_attention', 'causal_mask', 'sliding_window_mask',
-           'check_window', 'split_heads', 'merge_heads', 'repeat_kv', 'fused_causal_attention', 'AttentionCost',
-           'quiet_stderr', 'cpu_memory_trace', 'peak_bytes_cpu', 'cuda_memory_trace', 'peak_bytes', 'best_seconds',
+           'check_window', 'split_heads', 'merge_heads', 'repeat_kv', 'fused_causal_attention', 'quiet_stderr',
+           'cpu_memory_trace', 'AttentionCost', 'peak_bytes_cpu', 'cuda_memory_trace', 'peak_bytes', 'best_seconds',
            'attention_cost', 'format_attention_cost', 'rope_frequencies', 'rope_cache', 'rotate', 'apply_rope',
            'RotaryEmbedding', 'check_attention_config', 'CausalSelfAttention', 'KVCache']
 
@@ -112,17 +112,7 @@ def fused_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wi
     mask = causal_mask(t_q, t_k, window=window, device=q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
-# %% ../nbs/04_attention.ipynb #4c89dc3a
-@dataclass(frozen=True)
-class AttentionCost:
-    "Time and memory of one attention version at one sequence length."
-    version: str  # "naive" | "sdpa"
-    seq_len: int
-    seconds: float  # best forward time
-    peak_bytes: int  # measured: peak bytes of tensors allocated inside the call
-    score_bytes: int  # computed: one (B, H, T, T) fp32 score matrix
-
-
+# %% ../nbs/04_attention.ipynb #afbcc474
 @contextmanager
 def quiet_stderr():
     "Silence file descriptor 2 for a while: the profiler's C++ layer writes start/stop lines straight to it."
@@ -150,6 +140,16 @@ def cpu_memory_trace(fn: Callable):
         live += change
         peak = max(peak, live)
     return result, peak, live
+
+# %% ../nbs/04_attention.ipynb #4c89dc3a
+@dataclass(frozen=True)
+class AttentionCost:
+    "Time and memory of one attention version at one sequence length."
+    version: str  # "naive" | "sdpa"
+    seq_len: int
+    seconds: float  # best forward time
+    peak_bytes: int  # measured: peak bytes of tensors allocated inside the call
+    score_bytes: int  # computed: one (B, H, T, T) fp32 score matrix
 
 
 def peak_bytes_cpu(fn: Callable, *args) -> int:

@@ -354,7 +354,8 @@ def build_trainer_step(preset: str, block_size: int, batch_size: int, precision:
                        device: str = "cpu", seed: int = 0) -> Callable[[], None]:
     """`Trainer.train_step` (sampler, schedule, clipping, AdamW) of the same GPT as `build_bare_step`, on
     synthetic data, as a function. The Trainer's defaults are kept (grad_clip=1.0, weight decay, cosine schedule)."""
-    from openllm_edu.trainer import TrainConfig, Trainer
+    from openllm_edu.train_config import TrainConfig
+    from openllm_edu.trainer import Trainer
     settings = trainer_precision(precision)
     model = bench_gpt(preset, block_size, device, seed)
     config = TrainConfig(model=preset, block_size=block_size, batch_size=batch_size, device=device, seed=seed,

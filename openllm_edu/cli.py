@@ -361,7 +361,7 @@ SAMPLE_PROMPTS = ("ROMEO:\n", "First Citizen:\n", "To be, or not")
 
 def _run_config(recipe: Recipe, out_dir: Path, config_file: str | None, overrides: dict):
     "Recipe, then the config file's fields, then the command line's flags; data in out_dir/data unless given."
-    from openllm_edu.trainer import TrainConfig, merge_config_values, read_config_values
+    from openllm_edu.train_config import TrainConfig, merge_config_values, read_config_values
     layers = [recipe.train, {"data_dir": str(out_dir / "data")}]
     if config_file:
         layers.append(read_config_values(config_file))
@@ -420,7 +420,7 @@ def finish_run(trainer) -> dict:
                "tokens_per_s": statistics.median(speeds) if speeds else None}
     return summary
 
-
+# %% ../nbs/95_cli.ipynb #0812d4b1
 def train_main_job(preset: str | None = None, profile_name: str | None = None, out_dir: str | Path | None = None,
                    config_file: str | None = None, resume: str | Path | None = None, **overrides) -> dict:
     """`openllm-edu train`: prepare data and tokenizer if missing, train, evaluate, checkpoint, and write

@@ -248,7 +248,7 @@ def toy_data():
 
 
 def toy_config(out_dir, **changes):
-    from openllm_edu.trainer import TrainConfig
+    from openllm_edu.train_config import TrainConfig
     values = dict(out_dir=str(out_dir), model="tiny", model_overrides=dict(n_layer=2, n_head=2, n_embd=32),
                   block_size=16, batch_size=4, grad_accum=2, max_steps=8, warmup_steps=2, eval_every=2,
                   eval_tokens=256, log_every=1, precision="fp32", progress=False, tensorboard=False, seed=3)

@@ -21,8 +21,8 @@ from openllm_edu.model import GPT, GPTConfig
 from openllm_edu.tokenizer import make_tokenizer
 from openllm_edu.optim import Lion, OptimizerConfig, decay_groups, make_optimizer
 from openllm_edu.schedule import ScheduleConfig, constant, linear_decay, warmup_cosine, warmup_stable_decay
-from openllm_edu.trainer import (NonFiniteLossError, SingleProcess, TrainConfig, Trainer, accumulate_gradients,
-                                 clip_gradients)
+from openllm_edu.train_config import TrainConfig
+from openllm_edu.trainer import (NonFiniteLossError, SingleProcess, Trainer, accumulate_gradients, clip_gradients)
 
 SMALL_MODEL = dict(n_layer=2, n_head=2, n_embd=32)
 
@@ -203,7 +203,8 @@ def test_non_finite_loss_stops_with_the_step(data_dir, tmp_path):
 
 CHILD = textwrap.dedent("""
     import os, signal, sys, torch
-    from openllm_edu.trainer import Trainer, TrainConfig
+    from openllm_edu.train_config import TrainConfig
+    from openllm_edu.trainer import Trainer
     config_path, kill_at, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     torch.set_num_threads(threads)
     def kill(trainer):
