@@ -420,7 +420,7 @@ def finish_run(trainer) -> dict:
                "tokens_per_s": statistics.median(speeds) if speeds else None}
     return summary
 
-# %% ../nbs/95_cli.ipynb #0812d4b1
+# %% ../nbs/95_cli.ipynb #9791f72a
 def train_main_job(preset: str | None = None, profile_name: str | None = None, out_dir: str | Path | None = None,
                    config_file: str | None = None, resume: str | Path | None = None, **overrides) -> dict:
     """`openllm-edu train`: prepare data and tokenizer if missing, train, evaluate, checkpoint, and write
