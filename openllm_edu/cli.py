@@ -294,18 +294,19 @@ class Recipe:
 # The schedule of the default run of each profile. The profile (settings.ini) gives the tokenizer, the block
 # and batch sizes and the model preset; "laptop" widens the tiny preset, which its time budget can afford.
 PROFILE_TRAINING = {
-    "ci": dict(max_steps=30, lr=3e-3, min_lr=3e-4, warmup_steps=5, eval_every=10, eval_tokens=8_192),
-    "laptop": dict(max_steps=800, lr=2e-3, min_lr=2e-4, warmup_steps=50, eval_every=100, betas=(0.9, 0.99),
+    "ci": dict(max_steps=30, schedule=dict(max_lr=3e-3, min_lr=3e-4, warmup_steps=5), eval_every=10, eval_tokens=8_192),
+    "laptop": dict(max_steps=800, schedule=dict(max_lr=2e-3, min_lr=2e-4, warmup_steps=50), eval_every=100,
+                   optimizer=dict(betas=(0.9, 0.99)),
                    model_overrides=dict(n_layer=4, n_head=4, n_embd=256, bias=False)),
-    "gpu": dict(max_steps=5_000, lr=6e-4, min_lr=6e-5, warmup_steps=200, eval_every=250),
+    "gpu": dict(max_steps=5_000, schedule=dict(max_lr=6e-4, min_lr=6e-5, warmup_steps=200), eval_every=250),
 }
 
 # nanoGPT's published CPU recipe for Shakespeare characters (4 layers, 4 heads, 128 wide, context 64, batch 12,
 # lr 1e-3, 2,000 iterations, dropout 0, fp32 on CPU) on this course's GPT: the bar the default run must clear.
 CHAR_BASELINE = Recipe("char", None, dict(
     model="tiny", model_overrides=dict(n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False),
-    block_size=64, batch_size=12, max_steps=2_000, lr=1e-3, min_lr=1e-4, warmup_steps=100, betas=(0.9, 0.99),
-    weight_decay=0.1, grad_clip=1.0, eval_every=250, precision="fp32"))
+    block_size=64, batch_size=12, max_steps=2_000, schedule=dict(max_lr=1e-3, min_lr=1e-4, warmup_steps=100),
+    optimizer=dict(betas=(0.9, 0.99), weight_decay=0.1), grad_clip=1.0, eval_every=250, precision="fp32"))
 
 
 def main_job_recipe(preset: str | None, profile) -> Recipe:
@@ -321,7 +322,6 @@ def main_job_recipe(preset: str | None, profile) -> Recipe:
     if preset is not None:
         train.update(model=preset, model_overrides={})
     return Recipe(profile.tokenizer, profile.vocab_size, train)
-
 
 # %% ../nbs/95_cli.ipynb #ff593f1e
 def prepare_main_data(out_dir: str | Path, tokenizer_kind: str, vocab_size: int | None, profile) -> dict:
