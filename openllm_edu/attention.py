@@ -21,10 +21,10 @@ from .core import CourseError
 
 # %% auto #0
 __all__ = ['attention_loops', 'attention_weights', 'attention_naive', 'causal_attention', 'causal_mask', 'sliding_window_mask',
-           'check_window', 'split_heads', 'merge_heads', 'repeat_kv', 'fused_causal_attention', 'AttentionCost',
-           'peak_bytes_cpu', 'peak_bytes', 'best_seconds', 'attention_cost', 'format_attention_cost',
-           'rope_frequencies', 'rope_cache', 'rotate', 'apply_rope', 'RotaryEmbedding', 'check_attention_config',
-           'CausalSelfAttention', 'KVCache']
+           'check_window', 'split_heads', 'merge_heads', 'repeat_kv', 'fused_causal_attention', 'quiet_stderr',
+           'cpu_memory_trace', 'AttentionCost', 'peak_bytes_cpu', 'cuda_memory_trace', 'peak_bytes', 'best_seconds',
+           'attention_cost', 'format_attention_cost', 'rope_frequencies', 'rope_cache', 'rotate', 'apply_rope',
+           'RotaryEmbedding', 'check_attention_config', 'CausalSelfAttention', 'KVCache']
 
 # %% ../nbs/04_attention.ipynb #d16b179e
 def attention_loops(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
@@ -112,20 +112,10 @@ def fused_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wi
     mask = causal_mask(t_q, t_k, window=window, device=q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
-# %% ../nbs/04_attention.ipynb #4c89dc3a
-@dataclass(frozen=True)
-class AttentionCost:
-    "Time and memory of one attention version at one sequence length."
-    version: str  # "naive" | "sdpa"
-    seq_len: int
-    seconds: float  # best forward time
-    peak_bytes: int  # measured: peak bytes of tensors allocated inside the call
-    score_bytes: int  # computed: one (B, H, T, T) fp32 score matrix
-
-
+# %% ../nbs/04_attention.ipynb #afbcc474
 @contextmanager
-def _quiet_stderr():
-    # the profiler's C++ layer writes start/stop lines straight to file descriptor 2
+def quiet_stderr():
+    "Silence file descriptor 2 for a while: the profiler's C++ layer writes start/stop lines straight to it."
     sys.stderr.flush()
     saved = os.dup(2)
     with open(os.devnull, "w") as devnull:
@@ -137,33 +127,51 @@ def _quiet_stderr():
         os.close(saved)
 
 
-def peak_bytes_cpu(fn: Callable, *args) -> int:
-    """Peak bytes held by the tensors allocated inside fn(*args) on CPU, replayed from the allocations and
-    frees that the PyTorch profiler records (what existed before the call is not counted)."""
-    with _quiet_stderr(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                                profile_memory=True) as prof:
-        result = fn(*args)
-        del result
+def cpu_memory_trace(fn: Callable):
+    """(fn()'s result, peak, net): the peak and the final change of allocated CPU bytes while fn() ran, replayed
+    from the allocations and frees that the PyTorch profiler records (what existed before is not counted)."""
+    with quiet_stderr(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                               profile_memory=True) as prof:
+        result = fn()
     changes = sorted((e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
                      for e in prof.events())
     live = peak = 0
     for _, change in changes:
         live += change
         peak = max(peak, live)
-    return peak
+    return result, peak, live
+
+# %% ../nbs/04_attention.ipynb #4c89dc3a
+@dataclass(frozen=True)
+class AttentionCost:
+    "Time and memory of one attention version at one sequence length."
+    version: str  # "naive" | "sdpa"
+    seq_len: int
+    seconds: float  # best forward time
+    peak_bytes: int  # measured: peak bytes of tensors allocated inside the call
+    score_bytes: int  # computed: one (B, H, T, T) fp32 score matrix
+
+
+def peak_bytes_cpu(fn: Callable, *args) -> int:
+    "Peak bytes held by the tensors allocated inside fn(*args) on CPU (see `cpu_memory_trace`)."
+    return cpu_memory_trace(lambda: fn(*args))[1]
+
+
+def cuda_memory_trace(fn: Callable, device=None):
+    "(fn()'s result, peak, net) from the CUDA caching allocator's statistics."
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    result = fn()
+    torch.cuda.synchronize(device)
+    return result, torch.cuda.max_memory_allocated(device) - before, torch.cuda.memory_allocated(device) - before
 
 
 def peak_bytes(fn: Callable, *args, device: torch.device | str = "cpu") -> int:
     "Peak extra bytes allocated by fn(*args): the profiler on CPU, the caching allocator's statistics on CUDA."
     if torch.device(device).type != "cuda":
         return peak_bytes_cpu(fn, *args)
-    torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    result = fn(*args)
-    torch.cuda.synchronize(device)
-    del result
-    return torch.cuda.max_memory_allocated(device) - before
+    return cuda_memory_trace(lambda: fn(*args), device)[1]
 
 
 def best_seconds(fn: Callable, *args, repeats: int = 3, device: torch.device | str = "cpu") -> float:

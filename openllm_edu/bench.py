@@ -181,21 +181,15 @@ def bench_gpt(preset: str, block_size: int, device: str = "cpu", seed: int = 0) 
 
 
 def make_train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str) -> Callable[[], None]:
-    "One forward + backward + AdamW step of `model` on the batch (x, y) in `precision`, as a function."
-    _check_precision(precision)
-    device = x.device.type
-    forward = torch.compile(model) if precision == "bf16-compile" else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=device in ("cpu", "cuda"))
+    "Chapter 07's `bare_train_step` (forward, backward, AdamW) in a benchmark precision, waiting for the device."
+    from openllm_edu.trainer import bare_train_step
+    step = bare_train_step(model, x, y, precision_dtype_name(precision), compile=precision == "bf16-compile")
 
-    def step():
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision != "fp32"):
-            _, loss = forward(x, y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        _synchronize(device)
+    def step_and_wait():
+        step()
+        _synchronize(x.device.type)
 
-    return step
+    return step_and_wait
 
 
 def build_bare_step(preset: str, block_size: int, batch_size: int, precision: str, device: str = "cpu",
@@ -360,12 +354,13 @@ def build_trainer_step(preset: str, block_size: int, batch_size: int, precision:
                        device: str = "cpu", seed: int = 0) -> Callable[[], None]:
     """`Trainer.train_step` (sampler, schedule, clipping, AdamW) of the same GPT as `build_bare_step`, on
     synthetic data, as a function. The Trainer's defaults are kept (grad_clip=1.0, weight decay, cosine schedule)."""
-    from openllm_edu.trainer import TrainConfig, Trainer
+    from openllm_edu.train_config import TrainConfig
+    from openllm_edu.trainer import Trainer
     settings = trainer_precision(precision)
     model = bench_gpt(preset, block_size, device, seed)
     config = TrainConfig(model=preset, block_size=block_size, batch_size=batch_size, device=device, seed=seed,
                          out_dir=str(out_dir), eval_every=0, progress=False, tensorboard=False, **settings)
-    trainer = Trainer(config, model=model, data=synthetic_train_data(model.config.vocab_size, seed=seed))
+    trainer = Trainer.from_config(config, model=model, data=synthetic_train_data(model.config.vocab_size, seed=seed))
 
     def step():
         trainer.train_step()

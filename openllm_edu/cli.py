@@ -9,17 +9,18 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .core import CourseError, atomic_write_text, environment_report, get_profile, load_settings
 
 # %% auto #0
-__all__ = ['PROFILE_TRAINING', 'CHAR_BASELINE', 'SAMPLE_PROMPTS', 'HANDLERS', 'build_parser', 'cmd_doctor', 'cmd_tokenizer_train',
-           'cmd_data_prepare', 'cmd_bench_tokenizer', 'cmd_bench_model', 'cmd_bench_train', 'cmd_bench_distributed',
-           'cmd_generate', 'cmd_instructor_release', 'cmd_grade', 'Recipe', 'main_job_recipe', 'prepare_main_data',
-           'run_main_job', 'write_samples', 'best_evaluation', 'finish_run', 'train_main_job', 'cmd_train',
-           'cmd_launch', 'cmd_run', 'main']
+__all__ = ['PROFILE_TRAINING', 'CHAR_BASELINE', 'SAMPLE_PROMPTS', 'CLI_WORKER', 'HANDLERS', 'build_parser', 'cmd_doctor',
+           'cmd_tokenizer_train', 'cmd_data_prepare', 'cmd_bench_tokenizer', 'cmd_bench_model', 'cmd_bench_train',
+           'cmd_bench_distributed', 'cmd_generate', 'cmd_instructor_release', 'cmd_grade', 'Recipe', 'main_job_recipe',
+           'prepare_main_data', 'run_main_job', 'write_samples', 'best_evaluation', 'finish_run', 'train_main_job',
+           'cmd_train', 'cli_program', 'cmd_launch', 'cmd_run', 'main']
 
 # %% ../nbs/95_cli.ipynb #2a6ba9f3
 def _add_corpus(parser: argparse.ArgumentParser, flag: str, help_verb: str) -> None:
@@ -294,18 +295,19 @@ class Recipe:
 # The schedule of the default run of each profile. The profile (settings.ini) gives the tokenizer, the block
 # and batch sizes and the model preset; "laptop" widens the tiny preset, which its time budget can afford.
 PROFILE_TRAINING = {
-    "ci": dict(max_steps=30, lr=3e-3, min_lr=3e-4, warmup_steps=5, eval_every=10, eval_tokens=8_192),
-    "laptop": dict(max_steps=800, lr=2e-3, min_lr=2e-4, warmup_steps=50, eval_every=100, betas=(0.9, 0.99),
+    "ci": dict(max_steps=30, schedule=dict(max_lr=3e-3, min_lr=3e-4, warmup_steps=5), eval_every=10, eval_tokens=8_192),
+    "laptop": dict(max_steps=800, schedule=dict(max_lr=2e-3, min_lr=2e-4, warmup_steps=50), eval_every=100,
+                   optimizer=dict(betas=(0.9, 0.99)),
                    model_overrides=dict(n_layer=4, n_head=4, n_embd=256, bias=False)),
-    "gpu": dict(max_steps=5_000, lr=6e-4, min_lr=6e-5, warmup_steps=200, eval_every=250),
+    "gpu": dict(max_steps=5_000, schedule=dict(max_lr=6e-4, min_lr=6e-5, warmup_steps=200), eval_every=250),
 }
 
 # nanoGPT's published CPU recipe for Shakespeare characters (4 layers, 4 heads, 128 wide, context 64, batch 12,
 # lr 1e-3, 2,000 iterations, dropout 0, fp32 on CPU) on this course's GPT: the bar the default run must clear.
 CHAR_BASELINE = Recipe("char", None, dict(
     model="tiny", model_overrides=dict(n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False),
-    block_size=64, batch_size=12, max_steps=2_000, lr=1e-3, min_lr=1e-4, warmup_steps=100, betas=(0.9, 0.99),
-    weight_decay=0.1, grad_clip=1.0, eval_every=250, precision="fp32"))
+    block_size=64, batch_size=12, max_steps=2_000, schedule=dict(max_lr=1e-3, min_lr=1e-4, warmup_steps=100),
+    optimizer=dict(betas=(0.9, 0.99), weight_decay=0.1), grad_clip=1.0, eval_every=250, precision="fp32"))
 
 
 def main_job_recipe(preset: str | None, profile) -> Recipe:
@@ -321,7 +323,6 @@ def main_job_recipe(preset: str | None, profile) -> Recipe:
     if preset is not None:
         train.update(model=preset, model_overrides={})
     return Recipe(profile.tokenizer, profile.vocab_size, train)
-
 
 # %% ../nbs/95_cli.ipynb #ff593f1e
 def prepare_main_data(out_dir: str | Path, tokenizer_kind: str, vocab_size: int | None, profile) -> dict:
@@ -362,11 +363,11 @@ SAMPLE_PROMPTS = ("ROMEO:\n", "First Citizen:\n", "To be, or not")
 
 def _run_config(recipe: Recipe, out_dir: Path, config_file: str | None, overrides: dict):
     "Recipe, then the config file's fields, then the command line's flags; data in out_dir/data unless given."
-    from openllm_edu.trainer import TrainConfig, read_config_values
-    values = {**recipe.train, "data_dir": str(out_dir / "data")}
+    from openllm_edu.train_config import TrainConfig, merge_config_values, read_config_values
+    layers = [recipe.train, {"data_dir": str(out_dir / "data")}]
     if config_file:
-        values.update(read_config_values(config_file))
-    return TrainConfig.from_dict({**values, **overrides, "out_dir": str(out_dir)})
+        layers.append(read_config_values(config_file))
+    return TrainConfig.from_dict(merge_config_values(*layers, overrides, {"out_dir": str(out_dir)}))
 
 
 def _tokenizer_for(config: TrainConfig):
@@ -397,56 +398,66 @@ def best_evaluation(rows: list[dict]) -> dict | None:
 
 def finish_run(trainer) -> dict:
     "After fit: the best checkpoint's weights saved as model/ for `generate`, loss curves, samples; a summary."
-    from openllm_edu.model import _unwrap
     import matplotlib.pyplot as plt
 
-    from openllm_edu.trainer import Checkpointer, plot_training, read_metrics
+    from openllm_edu.checkpoint import Checkpointer
+    from openllm_edu.loggers import plot_training, read_metrics
+    from openllm_edu.model import unwrap_model
     out = Path(trainer.config.out_dir)
     best_path = out / "checkpoints" / "best.pt"
     if best_path.is_file():  # the model to keep is the best by validation loss, not the last
-        _unwrap(trainer.model).load_state_dict(Checkpointer.load(best_path)["model"])
+        unwrap_model(trainer.model).load_state_dict(Checkpointer.load(best_path)["model"])
     tokenizer = _tokenizer_for(trainer.config)
     trainer.save_pretrained(out / "model", tokenizer)
     rows = read_metrics(out / "metrics.jsonl")
     plt.close(plot_training(rows, out / "loss.png"))  # saved; no window to show it in
     if tokenizer is not None:
-        write_samples(_unwrap(trainer.model).eval(), tokenizer, out / "samples.txt")
+        write_samples(unwrap_model(trainer.model).eval(), tokenizer, out / "samples.txt")
     best = best_evaluation(rows) or {}
     speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
     summary = {"out_dir": str(out), "steps": trainer.step, "best_step": best.get("step"),
                "best_val_loss": best.get("val/loss"), "best_val_bits_per_byte": best.get("val/bits_per_byte"),
                "precision": trainer.precision, "micro_batch": trainer.micro_batch,
-               "parameters": _unwrap(trainer.model).num_params(),
+               "parameters": unwrap_model(trainer.model).num_params(),
                "tokens_per_s": statistics.median(speeds) if speeds else None}
     return summary
 
-
+# %% ../nbs/95_cli.ipynb #9791f72a
 def train_main_job(preset: str | None = None, profile_name: str | None = None, out_dir: str | Path | None = None,
                    config_file: str | None = None, resume: str | Path | None = None, **overrides) -> dict:
     """`openllm-edu train`: prepare data and tokenizer if missing, train, evaluate, checkpoint, and write
     runs/<name>/ (model/, checkpoints/, metrics.jsonl, loss.png, samples.txt, summary.json). Under torchrun
     every rank trains and rank 0 writes and returns the summary; the other ranks return None."""
-    from openllm_edu.distributed import DistributedContext, barrier, destroy_distributed, init_distributed
-    from openllm_edu.trainer import Trainer, resolve_device, resolve_precision
+    from openllm_edu.checkpoint import Checkpointer
+    from openllm_edu.core import resolve_device, resolve_precision
+    from openllm_edu.distributed import DataParallel, destroy_distributed
+    from openllm_edu.memory import oom_back_off
+    from openllm_edu.trainer import Trainer, resume_config
     profile = get_profile(profile_name)
     start = time.perf_counter()
     if resume is not None:
-        trainer = Trainer.resume(resume, **overrides)
+        checkpoint = Checkpointer.find(resume)
+        state = Checkpointer.load(checkpoint)
+        config = resume_config(checkpoint, state, **overrides)
     else:
         recipe = main_job_recipe(preset, profile)
         out = Path(out_dir or Path("runs") / (preset or profile.name))
         config = _run_config(recipe, out, config_file, overrides)
-        resolve_precision(config.precision, resolve_device(config.device))  # refuse fp16 on CPU before any work
-        context = init_distributed(DistributedContext.from_env(device=config.device))
+    resolve_precision(config.precision, resolve_device(config.device))  # refuse fp16 on CPU before any work
+    # the parts of later chapters: data parallelism when torchrun started this process, the out-of-memory back-off
+    strategy = DataParallel.from_env(device=config.device)
+    if resume is None:
         missing = config.data_dir == str(out / "data") and not (out / "data" / "report.json").is_file()
-        if missing and context.is_main:  # the other ranks wait at the barrier for the files
+        if missing and strategy.is_main:  # the other ranks wait at the barrier for the files
             print(f"preparing the default corpus and a {recipe.tokenizer} tokenizer in {out} ...", flush=True)
             prepare_main_data(out, recipe.tokenizer, recipe.vocab_size, profile)
-        barrier()
-        trainer = Trainer(config)
+        strategy.barrier()
+    trainer = Trainer.from_config(config, strategy=strategy, step_wrappers=[oom_back_off(config.memory_budget_mb)])
+    if resume is not None:
+        trainer.load_state_dict(state)
     try:
         trainer.fit()
-        if not trainer.distributed.is_main:
+        if not trainer.strategy.is_main:
             return None
         summary = finish_run(trainer)
         summary["seconds"] = time.perf_counter() - start
@@ -454,7 +465,6 @@ def train_main_job(preset: str | None = None, profile_name: str | None = None, o
         return summary
     finally:
         destroy_distributed()
-
 
 # %% ../nbs/95_cli.ipynb #e8671841
 def cmd_train(args) -> int:
@@ -479,8 +489,16 @@ def cmd_train(args) -> int:
     return 0
 
 
+CLI_WORKER = "import sys; from openllm_edu.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def cli_program(args: Sequence[str]) -> list[str]:
+    "What each torchrun worker runs for `openllm-edu ARGS`: the arguments after `python`, this module's `main`."
+    return ["-c", CLI_WORKER, *args]
+
+
 def cmd_launch(args) -> int:
-    from openllm_edu.distributed import cli_program, launch
+    from openllm_edu.distributed import launch
 
     if not args.worker_args:
         raise CourseError("nothing to launch: add the command every process runs, e.g. "

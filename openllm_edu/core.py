@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['SETTINGS_ENV', 'PROFILE_ENV', 'CourseError', 'SettingsError', 'atomic_open', 'atomic_write_bytes',
+__all__ = ['SETTINGS_ENV', 'PROFILE_ENV', 'PRECISIONS', 'CourseError', 'SettingsError', 'atomic_open', 'atomic_write_bytes',
            'atomic_write_text', 'find_settings_file', 'Profile', 'GraderLimits', 'Settings', 'load_settings',
            'get_profile', 'CheckResult', 'check_python', 'check_dependencies', 'best_device', 'check_device',
-           'check_bf16', 'check_threads', 'available_memory_bytes', 'check_memory', 'check_settings',
-           'environment_report', 'course_map']
+           'cpu_has_fast_bf16', 'check_bf16', 'check_threads', 'available_memory_bytes', 'check_memory',
+           'check_settings', 'environment_report', 'check_precision', 'resolve_device', 'resolve_precision', 'autocast',
+           'course_map']
 
 # %% ../nbs/00_setup.ipynb #9571dba6
 class CourseError(Exception):
@@ -273,7 +274,8 @@ def check_device() -> CheckResult:
     return CheckResult("device", True, detail)
 
 
-def _cpu_has_native_bf16() -> bool:
+def cpu_has_fast_bf16() -> bool:
+    "Whether this CPU multiplies bf16 matrices in hardware (AVX-512 BF16 or AMX); Linux only, else False."
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -292,7 +294,7 @@ def check_bf16() -> CheckResult:
         ok = bool((a @ a).float().eq(8).all())
     except RuntimeError as e:
         return CheckResult("bf16", False, f"bf16 matmul failed on {device}: {e}", "use float32")
-    native = device == "cpu" and _cpu_has_native_bf16()
+    native = device == "cpu" and cpu_has_fast_bf16()
     how = "native (AVX-512 BF16 / AMX)" if native else "works" + (" (emulated: slower than fp32)" if device == "cpu" else "")
     return CheckResult("bf16", ok, f"{device}: {how}", "use float32")
 
@@ -339,6 +341,46 @@ def environment_report() -> list[CheckResult]:
     "Every check, in the order `openllm-edu doctor` prints them."
     return [check_python(), *check_dependencies(), check_device(), check_bf16(), check_threads(), check_memory(),
             check_settings()]
+
+# %% ../nbs/00_setup.ipynb #23c0a34e
+PRECISIONS = ("fp32", "bf16", "fp16")  # fp32, or bf16 / fp16 autocast over fp32 parameters
+
+
+def check_precision(precision: str, choices: tuple[str, ...] = PRECISIONS) -> str:
+    if precision not in choices:
+        raise CourseError(f"precision={precision!r} is not one of {', '.join(choices)}; pick one of those.")
+    return precision
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    "'auto' is `best_device()`; a device this PyTorch cannot use is refused with the fix."
+    if device == "auto":
+        return torch.device(best_device())
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CourseError(f"device={device!r}, but this PyTorch sees no CUDA GPU; use device 'auto' or 'cpu'.")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise CourseError("device='mps', but this PyTorch has no Apple GPU backend; use device 'auto' or 'cpu'.")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: str | torch.device) -> str:
+    "'fp32', 'bf16' or 'fp16' for this device; 'auto' chooses; fp16 off CUDA is refused with the fix."
+    device = torch.device(device)
+    check_precision(precision, ("auto", *PRECISIONS))
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise CourseError(f"precision='fp16' needs a CUDA GPU (its loss scaler is CUDA-only) but the device is "
+                          f"{device.type}; use 'bf16' (same range as fp32, no scaler needed) or 'fp32'.")
+    return precision
+
+
+def autocast(device: str | torch.device, precision: str):
+    "torch.autocast for bf16 / fp16 on `device`, a context that changes nothing for fp32."
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(check_precision(precision))
+    return torch.autocast(torch.device(device).type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 # %% ../nbs/00_setup.ipynb #fabaf44f
 def course_map(settings: Settings | None = None) -> list[tuple[str, str, str]]:

@@ -22,16 +22,17 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .core import CourseError
+from .core import CourseError, resolve_device
 from .metrics import LMEvaluation, as_token_tensor, bits_per_byte, evaluate_lm, perplexity
 from .model import GPT, GPTConfig
+from .trainer import bare_train_step  # chapter 07's plain step
 
 # %% auto #0
-__all__ = ['STRATEGIES', 'CLI_WORKER', 'ALL_REDUCE_CHECK', 'DistributedContext', 'available_cores', 'threads_per_process',
-           'init_distributed', 'destroy_distributed', 'barrier', 'rank_seed', 'effective_batch_size', 'free_port',
-           'RankFailedError', 'run_processes', 'all_reduce_mean', 'average_gradients', 'wrap_model', 'no_gradient_sync',
-           'evaluate_lm_distributed', 'cli_program', 'parse_endpoint', 'torchrun_command', 'launch', 'all_reduce_check',
-           'bench_data_parallel', 'format_data_parallel_bench']
+__all__ = ['STRATEGIES', 'ALL_REDUCE_CHECK', 'DistributedContext', 'available_cores', 'threads_per_process', 'init_distributed',
+           'destroy_distributed', 'barrier', 'rank_seed', 'effective_batch_size', 'free_port', 'RankFailedError',
+           'run_processes', 'all_reduce_mean', 'average_gradients', 'wrap_model', 'no_gradient_sync',
+           'evaluate_lm_distributed', 'parse_endpoint', 'torchrun_command', 'launch', 'all_reduce_check',
+           'DataParallel', 'bench_data_parallel', 'format_data_parallel_bench']
 
 # %% ../nbs/09_distributed.ipynb #101dfb61
 def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:
@@ -45,10 +46,10 @@ def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:
 
 
 def _pick_device(requested: str, local_rank: int, world_size: int) -> torch.device:
-    "One process per GPU: a CUDA process drives cuda:LOCAL_RANK. A world of 1 takes the device asked for."
-    kind = ("cuda" if torch.cuda.is_available() else "cpu") if requested == "auto" else torch.device(requested).type
+    "One process per GPU: a CUDA process drives cuda:LOCAL_RANK. A world of 1 takes chapter 00's choice."
     if world_size == 1:
-        return torch.device(kind) if requested == "auto" else torch.device(requested)
+        return resolve_device(requested)
+    kind = ("cuda" if torch.cuda.is_available() else "cpu") if requested == "auto" else torch.device(requested).type
     if kind == "cpu":
         return torch.device("cpu")
     if kind != "cuda":
@@ -323,14 +324,6 @@ def evaluate_lm_distributed(model: nn.Module, tokens, n_bytes: int, block_size: 
                         tokens=int(counted), bytes=used_bytes, nats=nats)
 
 # %% ../nbs/09_distributed.ipynb #8a038cf9
-CLI_WORKER = "import sys; from openllm_edu.cli import main; sys.exit(main(sys.argv[1:]))"
-
-
-def cli_program(args: Sequence[str]) -> list[str]:
-    "What each torchrun worker runs for `openllm-edu ARGS`: the arguments after `python`."
-    return ["-c", CLI_WORKER, *args]
-
-
 def _check_count(flag: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise CourseError(f"{flag} must be a whole number >= 1, got {value!r}.")
@@ -449,16 +442,52 @@ def all_reduce_check() -> bool:
 ALL_REDUCE_CHECK = ["-c", "import sys; from openllm_edu.distributed import all_reduce_check; "
                           "sys.exit(0 if all_reduce_check() else 1)"]
 
+# %% ../nbs/09_distributed.ipynb #ce8adf6f
+@dataclass(frozen=True)
+class DataParallel:
+    "Chapter 07's strategy over torch.distributed: DDP (or FSDP2, kind='fsdp') across torchrun's processes."
+    context: DistributedContext
+    kind: str = "ddp"
+
+    @classmethod
+    def from_env(cls, device: str = "auto", kind: str = "ddp") -> DataParallel:
+        "Join the process group torchrun's environment describes (a world of 1 joins nothing)."
+        if kind not in STRATEGIES:
+            raise CourseError(f"unknown strategy {kind!r}; use one of {', '.join(STRATEGIES)}.")
+        return cls(init_distributed(DistributedContext.from_env(device=device)), kind)
+
+    rank = property(lambda self: self.context.rank)
+    world_size = property(lambda self: self.context.world_size)
+    is_main = property(lambda self: self.context.is_main)
+    device = property(lambda self: self.context.device)
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        return wrap_model(model, self.context, self.kind)
+
+    def no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        return no_gradient_sync(model)
+
+    def reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        return all_reduce_mean(tensor)
+
+    def evaluate(self, model: nn.Module, tokens, n_bytes: int, **options) -> LMEvaluation:
+        return evaluate_lm_distributed(model, tokens, n_bytes, **options)
+
+    def barrier(self) -> None:
+        barrier()
+
+    def seed_for(self, seed: int) -> int:
+        return rank_seed(seed, self.rank)
+
 # %% ../nbs/09_distributed.ipynb #beac5e15
 def _time_training(context: DistributedContext, preset: str, vocab_size: int, block_size: int, batch_size: int,
                    steps: int, warmup: int) -> float:
-    from openllm_edu.bench import make_train_step  # the benchmarks' bare step: forward, backward, AdamW
     torch.manual_seed(0)
     config = GPTConfig.preset(preset, vocab_size=vocab_size, block_size=block_size)
     model = wrap_model(GPT(config), context)
     generator = torch.Generator().manual_seed(rank_seed(0, context.rank))
     x = torch.randint(0, vocab_size, (batch_size, block_size), generator=generator)
-    step = make_train_step(model, x, x, "fp32")
+    step = bare_train_step(model, x, x)
     for _ in range(warmup):
         step()
     barrier()  # every rank starts the clock together and stops it when the slowest is done

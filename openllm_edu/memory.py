@@ -3,9 +3,6 @@
 # %% ../nbs/08_memory.ipynb #987ae811
 from __future__ import annotations
 
-import os
-import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -14,29 +11,22 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn as nn
 
-from .core import CourseError
-from .model import GPT, PRESETS, GPTConfig, estimate_num_params
+from .attention import cpu_memory_trace, cuda_memory_trace  # chapter 04's profiler replay
+from .core import PRECISIONS, CourseError, autocast, check_precision  # chapter 00's precision names
+from .model import GPT, PRESETS, GPTConfig, estimate_num_params, unwrap_model
 
 # %% auto #0
-__all__ = ['GiB', 'MiB', 'FP32', 'PRECISIONS', 'OPTIMIZER_STATES', 'check_precision', 'activation_element_bytes',
-           'optimizer_state_bytes', 'saved_tensors', 'saved_activation_bytes', 'autocast', 'block_activation_parts',
-           'block_activation_bytes', 'korthikanti_activation_bytes', 'activation_bytes', 'logits_bytes',
-           'MemoryEstimate', 'estimate_memory', 'memory_table', 'format_memory_table', 'plot_memory',
-           'largest_batch_that_fits', 'largest_preset_that_fits', 'cpu_memory_trace', 'cuda_memory_trace',
-           'tensor_bytes', 'StepProfile', 'profile_training_step', 'compare_estimate', 'module_output_bytes',
-           'forward_saved_bytes', 'record_memory_snapshot', 'MemoryBudgetExceeded', 'fit_micro_batch']
+__all__ = ['GiB', 'MiB', 'FP32', 'OPTIMIZER_STATES', 'activation_element_bytes', 'optimizer_state_bytes', 'saved_tensors',
+           'saved_activation_bytes', 'block_activation_parts', 'block_activation_bytes', 'korthikanti_activation_bytes',
+           'activation_bytes', 'logits_bytes', 'MemoryEstimate', 'estimate_memory', 'memory_table',
+           'format_memory_table', 'plot_memory', 'largest_batch_that_fits', 'largest_preset_that_fits', 'tensor_bytes',
+           'StepProfile', 'profile_training_step', 'compare_estimate', 'module_output_bytes', 'forward_saved_bytes',
+           'record_memory_snapshot', 'MemoryBudgetExceeded', 'fit_micro_batch', 'oom_back_off']
 
 # %% ../nbs/08_memory.ipynb #d268a517
 GiB, MiB = 1024**3, 1024**2
 FP32 = 4  # bytes
-PRECISIONS = ("fp32", "bf16", "fp16")  # fp32, or bf16 / fp16 autocast over fp32 parameters
 OPTIMIZER_STATES = {"sgd": 0, "sgd-momentum": 1, "adamw": 2, "lion": 1}  # fp32 tensors per parameter
-
-
-def check_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise CourseError(f"precision={precision!r} is not a choice; use one of {', '.join(PRECISIONS)}.")
-    return precision
 
 
 def activation_element_bytes(precision: str) -> int:
@@ -74,13 +64,6 @@ def saved_activation_bytes(model: nn.Module, idx: torch.Tensor, targets: torch.T
     with autocast(idx.device, precision):
         _, found = saved_tensors(lambda: model(idx, targets), exclude=model)
     return sum(size for size, _, _ in found.values())
-
-
-def autocast(device: torch.device | str, precision: str):
-    "torch.autocast for bf16 / fp16, a no-op context for fp32."
-    device_type = torch.device(device).type
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(check_precision(precision))
-    return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 # %% ../nbs/08_memory.ipynb #51d1f41d
 def block_activation_parts(config: GPTConfig, batch_size: int, seq_len: int, precision: str = "fp32") -> dict[str, int]:
@@ -228,33 +211,8 @@ def largest_preset_that_fits(budget_bytes: int, batch_size: int = 1, seq_len: in
     return max(fitting, key=lambda name: estimate_num_params(GPTConfig.preset(name)), default=None)
 
 # %% ../nbs/08_memory.ipynb #fa117434
-from .attention import _quiet_stderr  # chapter 04 silences the profiler the same way
-
-
-def cpu_memory_trace(fn: Callable):
-    "(fn()'s result, peak, net): the peak and the final change of allocated CPU bytes while fn() ran."
-    with _quiet_stderr(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                                profile_memory=True) as prof:
-        result = fn()
-    changes = sorted((e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
-                     for e in prof.events())
-    live = peak = 0
-    for _, change in changes:
-        live += change
-        peak = max(peak, live)
-    return result, peak, live
-
-
-def cuda_memory_trace(fn: Callable, device=None):
-    "(fn()'s result, peak, net) from the CUDA caching allocator's statistics."
-    torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    result = fn()
-    torch.cuda.synchronize(device)
-    return result, torch.cuda.max_memory_allocated(device) - before, torch.cuda.memory_allocated(device) - before
-
-
+# the profiler's replay (cpu_memory_trace) and the CUDA allocator's statistics (cuda_memory_trace)
+# come from chapter 04, which measured attention the same way
 def tensor_bytes(tensors) -> int:
     "Bytes of the distinct storages behind `tensors`."
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
@@ -396,3 +354,29 @@ def fit_micro_batch(step_fn: Callable, micro_batch: int, accumulation: int = 1, 
             if log is not None:
                 log(f"out of memory ({type(e).__name__}); retrying with micro-batch {micro_batch} × "
                     f"{accumulation} accumulation steps")
+
+# %% ../nbs/08_memory.ipynb #e080142d
+def oom_back_off(budget_mb: float | None = None, log: Callable[[str], None] | None = print) -> Callable:
+    """A step wrapper for chapter 07's Trainer: each step runs through `fit_micro_batch`, so an out-of-memory
+    error, or an estimated peak above `budget_mb`, halves trainer.micro_batch (kept for later steps) and retries."""
+    budget_bytes = None if budget_mb is None else int(budget_mb * MiB)
+
+    def wrap(step_fn: Callable) -> Callable:
+        def step_with_back_off(trainer, x: torch.Tensor, y: torch.Tensor) -> float:
+            def run(micro_batch: int, accumulation: int) -> float:
+                trainer.micro_batch = micro_batch
+                return step_fn(trainer, x, y)
+
+            def estimated_peak(micro_batch: int) -> int:
+                return estimate_memory(unwrap_model(trainer.model).config, micro_batch, trainer.config.block_size,
+                                       trainer.precision, trainer.config.optimizer.name).peak
+
+            loss, trainer.micro_batch, _ = fit_micro_batch(
+                run, trainer.micro_batch, len(x) // trainer.micro_batch, budget_bytes=budget_bytes,
+                peak_fn=estimated_peak if budget_bytes is not None else None,
+                log=log if trainer.strategy.is_main else None)
+            return loss
+
+        return step_with_back_off
+
+    return wrap

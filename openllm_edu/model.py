@@ -24,7 +24,8 @@ from .tokenizer import Tokenizer, load_tokenizer
 # %% auto #0
 __all__ = ['NORMS', 'MLPS', 'POSITIONS', 'IGNORE_INDEX', 'PRESETS', 'CONFIG_FILE', 'WEIGHTS_FILE', 'TOKENIZER_DIR', 'MODEL_TYPE',
            'GPTConfig', 'make_norm', 'MLP', 'swiglu', 'SwiGLUMLP', 'Block', 'GPT', 'param_breakdown',
-           'estimate_num_params', 'matmul_params', 'flops_per_token', 'save_pretrained', 'load_pretrained']
+           'estimate_num_params', 'matmul_params', 'flops_per_token', 'unwrap_model', 'save_pretrained',
+           'load_pretrained']
 
 # %% ../nbs/05_gpt.ipynb #91e73753
 NORMS = ("layernorm", "rmsnorm")
@@ -306,7 +307,7 @@ CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR = "config.json", "model.safetensors", "
 MODEL_TYPE = "openllm_edu.gpt"
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module) -> nn.Module:
     "The GPT inside torch.compile's or DistributedDataParallel's wrapper."
     while isinstance(getattr(model, "_orig_mod", getattr(model, "module", None)), nn.Module):
         model = getattr(model, "_orig_mod", getattr(model, "module", None))
@@ -315,7 +316,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def save_pretrained(model: GPT, directory: str | Path, tokenizer: Tokenizer | None = None) -> Path:
     "Write config.json, model.safetensors and (if given) tokenizer/ to `directory`, each file atomically."
-    model, directory = _unwrap(model), Path(directory)
+    model, directory = unwrap_model(model), Path(directory)
     if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
         raise CourseError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
                           f"vocab_size={model.config.vocab_size} outputs; save it with the tokenizer it was built for.")

@@ -288,7 +288,7 @@ def test_train_config_file_then_flags(tmp_path):
     done = openllm_edu("train", "--config", config, "--out", tmp_path / "run", "--max-steps", 4, "--no-progress")
     assert done.returncode == 0, done.stderr
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert saved["max_steps"] == 4 and saved["eval_every"] == 3 and saved["lr"] == 0.002  # flag > file > recipe
+    assert saved["max_steps"] == 4 and saved["eval_every"] == 3 and saved["schedule"]["max_lr"] == 0.002  # flag > file > recipe
     assert saved["model_overrides"] == {"n_layer": 1} and saved["block_size"] == 64  # ci profile's block
 
 
@@ -299,7 +299,7 @@ def test_char_baseline_is_nanogpts_recipe_on_our_model(tmp_path):
                        "--no-progress")
     assert done.returncode == 0, done.stderr
     saved = json.loads((tmp_path / "base" / "config.json").read_text())
-    assert (saved["block_size"], saved["batch_size"], saved["lr"], saved["precision"]) == (64, 12, 1e-3, "fp32")
+    assert (saved["block_size"], saved["batch_size"], saved["schedule"]["max_lr"], saved["precision"]) == (64, 12, 1e-3, "fp32")
     tokenizer = json.loads((tmp_path / "base" / "tokenizer" / "tokenizer.json").read_text())
     assert tokenizer["kind"] == "char"
     vocab = json.loads((tmp_path / "base" / "data" / "train.json").read_text())["vocab_size"]

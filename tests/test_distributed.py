@@ -248,11 +248,11 @@ def toy_data():
 
 
 def toy_config(out_dir, **changes):
-    from openllm_edu.trainer import TrainConfig
+    from openllm_edu.train_config import TrainConfig
     values = dict(out_dir=str(out_dir), model="tiny", model_overrides=dict(n_layer=2, n_head=2, n_embd=32),
                   block_size=16, batch_size=4, grad_accum=2, max_steps=8, warmup_steps=2, eval_every=2,
                   eval_tokens=256, log_every=1, precision="fp32", progress=False, tensorboard=False, seed=3)
-    return TrainConfig(**{**values, **changes})
+    return TrainConfig.from_dict({**values, **changes})
 
 
 class Stop(Exception):
@@ -261,18 +261,21 @@ class Stop(Exception):
 
 def fit_until(ctx, out_dir, stop_at=None, resume=False):
     "A Trainer on this rank (DDP when the world is 2), trained to max_steps or interrupted after `stop_at` steps."
-    from openllm_edu import trainer as trainer_module
+    from openllm_edu.checkpoint import Checkpointer
+    from openllm_edu.distributed import DataParallel
+    from openllm_edu.trainer import Trainer
     saves = []
-    original_save = trainer_module.Checkpointer.save
 
-    def counting_save(self, state, step, best=False):
-        saves.append(step)
-        return original_save(self, state, step, best)
+    class CountingCheckpointer(Checkpointer):
+        def save(self, state, step, best=False):
+            saves.append(step)
+            return super().save(state, step, best)
 
-    trainer_module.Checkpointer.save = counting_save  # this forked process only
-    trainer = trainer_module.Trainer(toy_config(out_dir), data=toy_data())
+    config = toy_config(out_dir)
+    trainer = Trainer.from_config(config, data=toy_data(), strategy=DataParallel(ctx),
+                                  checkpointer=CountingCheckpointer(Path(out_dir) / "checkpoints", config.keep_last))
     if resume:
-        trainer.load_state_dict(trainer_module.Checkpointer.load(out_dir))
+        trainer.load_state_dict(Checkpointer.load(out_dir))
 
     def stop(t):
         if t.step == stop_at:
@@ -312,10 +315,11 @@ def test_resume_with_the_same_world_size_is_exact(tmp_path):
 
 def test_resume_on_another_world_size_continues_but_not_exactly(tmp_path):
     "2 processes to step 4, then 1 process to step 8: it resumes, but it sees other batches than 2 would."
-    from openllm_edu.trainer import Checkpointer, Trainer
+    from openllm_edu.checkpoint import Checkpointer
+    from openllm_edu.trainer import Trainer
     straight = run_processes(fit_until, 2, args=(tmp_path / "straight",), timeout=PROCESS_TIMEOUT)
     run_processes(fit_until, 2, args=(tmp_path / "halves", 4), timeout=PROCESS_TIMEOUT)
-    single = Trainer(toy_config(tmp_path / "halves"), data=toy_data())
+    single = Trainer.from_config(toy_config(tmp_path / "halves"), data=toy_data())
     state = Checkpointer.load(tmp_path / "halves")
     single.load_state_dict(state)
     assert single.step == 4 and largest_difference(single.model.state_dict(), state["model"]) == 0

@@ -12,15 +12,18 @@ import pytest
 import torch
 import torch.nn as nn
 
-from openllm_edu.core import CourseError
+from openllm_edu.checkpoint import Checkpointer
+from openllm_edu.core import CourseError, resolve_precision
 from openllm_edu.data import shakespeare_documents
 from openllm_edu.fast_bpe import prepare_data
+from openllm_edu.loggers import JSONLinesLogger, read_metrics
+from openllm_edu.memory import oom_back_off
 from openllm_edu.model import GPT, GPTConfig
 from openllm_edu.tokenizer import make_tokenizer
 from openllm_edu.optim import Lion, OptimizerConfig, decay_groups, make_optimizer
 from openllm_edu.schedule import ScheduleConfig, constant, linear_decay, warmup_cosine, warmup_stable_decay
-from openllm_edu.trainer import (Checkpointer, NonFiniteLossError, TrainConfig, Trainer, accumulate_gradients,
-                                 clip_gradients, read_metrics, resolve_precision)
+from openllm_edu.train_config import TrainConfig
+from openllm_edu.trainer import (NonFiniteLossError, SingleProcess, Trainer, accumulate_gradients, clip_gradients)
 
 SMALL_MODEL = dict(n_layer=2, n_head=2, n_embd=32)
 
@@ -37,7 +40,7 @@ def make_config(data_dir, out_dir, **overrides) -> TrainConfig:
     values = dict(data_dir=str(data_dir), out_dir=str(out_dir), model="tiny", model_overrides=SMALL_MODEL,
                   block_size=32, batch_size=4, max_steps=12, lr=3e-3, warmup_steps=2, eval_every=4,
                   eval_tokens=512, precision="fp32", progress=False, tensorboard=False, seed=3, log_every=1)
-    return TrainConfig(**{**values, **overrides})
+    return TrainConfig.from_dict({**values, **overrides})
 
 
 # --- schedules -------------------------------------------------------------------------------------------
@@ -112,7 +115,9 @@ def test_lion_first_step_moves_every_weight_by_lr():
 
 def test_precision_rules():
     assert resolve_precision("fp32", "cpu") == "fp32"
-    assert resolve_precision("auto", "cpu") in ("fp32", "bf16")
+    if os.path.exists("/proc/cpuinfo"):  # the CPU's own flags say whether bf16 runs in hardware
+        flags = open("/proc/cpuinfo").read()
+        assert resolve_precision("auto", "cpu") == ("bf16" if "avx512_bf16" in flags or "amx_bf16" in flags else "fp32")
     with pytest.raises(CourseError, match="CUDA"):
         resolve_precision("fp16", "cpu")
     with pytest.raises(CourseError, match="precision"):
@@ -150,7 +155,7 @@ def test_clipping_unscales_first():
 def test_config_round_trip(tmp_path, name):
     if name.endswith(".yaml"):
         pytest.importorskip("yaml")
-    config = TrainConfig(max_steps=7, lr=2e-3, model_overrides={"n_layer": 2}, betas=(0.8, 0.9))
+    config = TrainConfig.from_dict(dict(max_steps=7, lr=2e-3, model_overrides={"n_layer": 2}, betas=(0.8, 0.9)))
     assert TrainConfig.load(config.save(tmp_path / name)) == config
 
 
@@ -167,7 +172,7 @@ def test_config_errors(tmp_path):
 # --- training, evaluation, checkpoints -------------------------------------------------------------------
 
 def test_fit_logs_evaluates_and_keeps_last_and_best(data_dir, tmp_path):
-    summary = Trainer(make_config(data_dir, tmp_path / "run", keep_last=2)).fit()
+    summary = Trainer.from_config(make_config(data_dir, tmp_path / "run", keep_last=2)).fit()
     assert summary["step"] == 12 and not summary["stopped_early"]
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     val = [r for r in rows if "val/loss" in r]
@@ -182,14 +187,14 @@ def test_fit_logs_evaluates_and_keeps_last_and_best(data_dir, tmp_path):
 
 def test_early_stopping_on_validation_loss(data_dir, tmp_path):
     # lr 0 never improves the model: the first evaluation is the best, then `patience` more end the run
-    summary = Trainer(make_config(data_dir, tmp_path / "run", lr=0.0, min_lr=0.0, eval_every=2, patience=2,
+    summary = Trainer.from_config(make_config(data_dir, tmp_path / "run", lr=0.0, min_lr=0.0, eval_every=2, patience=2,
                                   max_steps=50)).fit()
     assert summary["stopped_early"] and summary["step"] == 6
     assert Checkpointer.load(tmp_path / "run" / "checkpoints" / "best.pt")["step"] == 2
 
 
 def test_non_finite_loss_stops_with_the_step(data_dir, tmp_path):
-    trainer = Trainer(make_config(data_dir, tmp_path / "run"))
+    trainer = Trainer.from_config(make_config(data_dir, tmp_path / "run"))
     with torch.no_grad():
         trainer.model.lm_head.weight[0, 0] = float("inf")
     with pytest.raises(NonFiniteLossError, match="at step 0"):
@@ -199,19 +204,20 @@ def test_non_finite_loss_stops_with_the_step(data_dir, tmp_path):
 
 CHILD = textwrap.dedent("""
     import os, signal, sys, torch
-    from openllm_edu.trainer import Trainer, TrainConfig
+    from openllm_edu.train_config import TrainConfig
+    from openllm_edu.trainer import Trainer
     config_path, kill_at, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     torch.set_num_threads(threads)
     def kill(trainer):
         if trainer.step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
-    Trainer(TrainConfig.load(config_path), callbacks=[kill]).fit()
+    Trainer.from_config(TrainConfig.load(config_path), callbacks=[kill]).fit()
 """)
 
 
 def test_resume_after_sigkill_is_exact(data_dir, tmp_path):
     config = make_config(data_dir, tmp_path / "killed", model_overrides={**SMALL_MODEL, "dropout": 0.1})
-    straight = Trainer(config.replace(out_dir=str(tmp_path / "straight")))
+    straight = Trainer.from_config(config.replace(out_dir=str(tmp_path / "straight")))
     straight.fit()
 
     config.save(tmp_path / "config.json")
@@ -241,18 +247,18 @@ def test_missing_and_corrupt_checkpoints(tmp_path):
 
 
 def test_resume_refuses_other_model_or_tokenizer_and_overwrites_nothing(data_dir, tmp_path):
-    Trainer(make_config(data_dir, tmp_path / "run", max_steps=4)).fit()
+    Trainer.from_config(make_config(data_dir, tmp_path / "run", max_steps=4)).fit()
     checkpoint = Checkpointer.find(tmp_path / "run")
     before = checkpoint.read_bytes()
     state = Checkpointer.load(checkpoint)
 
-    bigger = Trainer(make_config(data_dir, tmp_path / "run", model_overrides={**SMALL_MODEL, "n_embd": 64}))
+    bigger = Trainer.from_config(make_config(data_dir, tmp_path / "run", model_overrides={**SMALL_MODEL, "n_embd": 64}))
     with pytest.raises(CourseError, match="n_embd"):
         bigger.load_state_dict(state)
     with pytest.raises(CourseError, match="already holds checkpoints"):
         bigger.fit()
 
-    other = Trainer(make_config(data_dir, tmp_path / "run"))
+    other = Trainer.from_config(make_config(data_dir, tmp_path / "run"))
     other.data.tokenizer_fingerprint = "another tokenizer"
     with pytest.raises(CourseError, match="different tokenizer"):
         other.load_state_dict(state)
@@ -262,14 +268,14 @@ def test_resume_refuses_other_model_or_tokenizer_and_overwrites_nothing(data_dir
 
 def test_missing_data_is_a_course_error(tmp_path):
     with pytest.raises(CourseError, match="prepare"):
-        Trainer(TrainConfig(data_dir=str(tmp_path), out_dir=str(tmp_path / "run")))
+        Trainer.from_config(TrainConfig(data_dir=str(tmp_path), out_dir=str(tmp_path / "run")))
 
 
 def test_empty_validation_split_is_refused_unless_evaluation_is_off(data_dir, tmp_path):
-    trainer = Trainer(make_config(data_dir, tmp_path / "run", eval_every=0))
+    trainer = Trainer.from_config(make_config(data_dir, tmp_path / "run", eval_every=0))
     trainer.data.val = trainer.data.val[:1]
     with pytest.raises(CourseError, match="validation split"):
-        Trainer(make_config(data_dir, tmp_path / "run"), data=trainer.data)
+        Trainer.from_config(make_config(data_dir, tmp_path / "run"), data=trainer.data)
 
 
 def test_wandb_only_when_installed(data_dir, tmp_path):
@@ -279,13 +285,13 @@ def test_wandb_only_when_installed(data_dir, tmp_path):
     except ImportError:
         pass
     with pytest.raises(CourseError, match="pip install wandb"):
-        Trainer(make_config(data_dir, tmp_path / "run", wandb=True)).fit()
-    assert Trainer(make_config(data_dir, tmp_path / "run")).checkpointer.latest() is None
+        Trainer.from_config(make_config(data_dir, tmp_path / "run", wandb=True)).fit()
+    assert Trainer.from_config(make_config(data_dir, tmp_path / "run")).checkpointer.latest() is None
 
 
 def test_save_pretrained_round_trip(data_dir, tmp_path):
     from openllm_edu.model import load_pretrained
-    trainer = Trainer(make_config(data_dir, tmp_path / "run", max_steps=2, eval_every=0))
+    trainer = Trainer.from_config(make_config(data_dir, tmp_path / "run", max_steps=2, eval_every=0))
     trainer.fit()
     model, _ = load_pretrained(trainer.save_pretrained(tmp_path / "model"))
     for a, b in zip(model.state_dict().values(), trainer.model.state_dict().values()):
@@ -309,9 +315,10 @@ class OutOfMemoryAbove(nn.Module):
 
 
 def test_simulated_oom_halves_the_micro_batch_and_learns_the_same(data_dir, tmp_path):
-    reference = Trainer(make_config(data_dir, tmp_path / "reference", batch_size=8, grad_accum=1, eval_every=0))
+    reference = Trainer.from_config(make_config(data_dir, tmp_path / "reference", batch_size=8, grad_accum=1, eval_every=0))
     reference.fit()
-    trainer = Trainer(make_config(data_dir, tmp_path / "oom", batch_size=8, grad_accum=1, eval_every=0))
+    trainer = Trainer.from_config(make_config(data_dir, tmp_path / "oom", batch_size=8, grad_accum=1, eval_every=0),
+                                  step_wrappers=[oom_back_off()])
     trainer.forward_model = OutOfMemoryAbove(trainer.model, limit=2)
     trainer.fit()
     assert trainer.micro_batch == 2
@@ -324,7 +331,8 @@ def test_simulated_oom_halves_the_micro_batch_and_learns_the_same(data_dir, tmp_
 
 
 def test_oom_back_off_survives_a_resume(data_dir, tmp_path):
-    trainer = Trainer(make_config(data_dir, tmp_path / "run", batch_size=4, max_steps=4, eval_every=0))
+    trainer = Trainer.from_config(make_config(data_dir, tmp_path / "run", batch_size=4, max_steps=4, eval_every=0),
+                                  step_wrappers=[oom_back_off()])
     trainer.forward_model = OutOfMemoryAbove(trainer.model, limit=1)
     trainer.fit()
     assert trainer.micro_batch == 1
@@ -335,28 +343,30 @@ def test_oom_back_off_survives_a_resume(data_dir, tmp_path):
 def test_cpu_memory_budget_picks_the_largest_micro_batch_that_fits(data_dir, tmp_path):
     from openllm_edu.memory import MiB, estimate_memory
     config = make_config(data_dir, tmp_path / "budget", batch_size=8, eval_every=0, max_steps=2)
-    model_config = Trainer(config).model.config
+    model_config = Trainer.from_config(config).model.config
     peaks = {b: estimate_memory(model_config, b, config.block_size).peak for b in (2, 4, 8)}
     assert peaks[2] < peaks[4] < peaks[8]
-    trainer = Trainer(config.replace(memory_budget_mb=(peaks[4] + peaks[8]) / 2 / MiB))
+    budget_mb = (peaks[4] + peaks[8]) / 2 / MiB
+    trainer = Trainer.from_config(config.replace(memory_budget_mb=budget_mb), step_wrappers=[oom_back_off(budget_mb)])
     trainer.fit()
     assert trainer.micro_batch == 4
     with pytest.raises(CourseError, match="micro-batch of 1"):
-        Trainer(config.replace(out_dir=str(tmp_path / "tiny-budget"), memory_budget_mb=0.001)).fit()
+        Trainer.from_config(config.replace(out_dir=str(tmp_path / "tiny-budget"), memory_budget_mb=0.001),
+                            step_wrappers=[oom_back_off(0.001)]).fit()
     with pytest.raises(CourseError, match="memory_budget_mb"):
         config.replace(memory_budget_mb=-1)
 
 
 def test_a_batch_larger_than_the_data_is_refused(data_dir, tmp_path):
     with pytest.raises(CourseError, match="training split"):
-        Trainer(make_config(data_dir, tmp_path / "big", batch_size=4096, block_size=32))
+        Trainer.from_config(make_config(data_dir, tmp_path / "big", batch_size=4096, block_size=32))
     assert not (tmp_path / "big").exists()
 
 
 def test_resume_continues_in_the_folder_the_run_was_moved_to(data_dir, tmp_path):
     import shutil
 
-    Trainer(make_config(data_dir, tmp_path / "first", max_steps=4, eval_every=0)).fit()
+    Trainer.from_config(make_config(data_dir, tmp_path / "first", max_steps=4, eval_every=0)).fit()
     shutil.move(tmp_path / "first", tmp_path / "moved")
     resumed = Trainer.resume(tmp_path / "moved", max_steps=6)
     assert resumed.config.out_dir == str(tmp_path / "moved") and resumed.step == 4
@@ -370,7 +380,6 @@ def test_resume_continues_in_the_folder_the_run_was_moved_to(data_dir, tmp_path)
 
 def test_torn_metric_lines_are_skipped_with_a_warning(tmp_path):
     "What a crash or a full disk leaves in metrics.jsonl must not stop a resume: the checkpoint is the truth."
-    from openllm_edu.trainer import JSONLinesLogger
     path = tmp_path / "metrics.jsonl"
     good = [{"step": 1, "train/loss": 4.0}, {"step": 2, "train/loss": 3.5}, {"step": 3, "train/loss": 3.0}]
     torn = b'{"step": 4, "train/lo\n\xff\xfe\x00 garbage\n[1, 2]\n{"no_step": 1}\n'
@@ -378,7 +387,9 @@ def test_torn_metric_lines_are_skipped_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="skipped 4 damaged line"):
         assert read_metrics(path) == good
     with pytest.warns(UserWarning, match="skipped 4 damaged line"):
-        JSONLinesLogger(path, resume_step=2).close()
+        logger = JSONLinesLogger(path)
+        logger.start(resume_step=2)
+        logger.close()
     assert [json.loads(line) for line in path.read_text().splitlines()] == good[:2]
 
 
@@ -388,18 +399,18 @@ def test_a_second_process_on_the_same_run_folder_is_refused(data_dir, tmp_path):
     import sys
     out = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\nfrom pathlib import Path\nfrom openllm_edu.trainer import lock_run_folder\n"
+        "import sys, time\nfrom pathlib import Path\nfrom openllm_edu.checkpoint import lock_run_folder\n"
         f"lock = lock_run_folder(Path({str(out)!r}))\nprint('locked', flush=True)\ntime.sleep(60)")],
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(CourseError, match=rf"in use by another training process \(pid {holder.pid}\)"):
-            Trainer(make_config(data_dir, out)).fit()
+            Trainer.from_config(make_config(data_dir, out)).fit()
         assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
     finally:
         holder.kill()
         holder.wait()
-    assert Trainer(make_config(data_dir, out)).fit()["step"] == 12  # a dead holder's lock is gone with it
+    assert Trainer.from_config(make_config(data_dir, out)).fit()["step"] == 12  # a dead holder's lock is gone with it
 
 
 @pytest.mark.parametrize("values, message", [
@@ -421,4 +432,99 @@ def test_config_values_are_checked_up_front(values, message):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
 def test_asking_for_cuda_without_one_is_one_sentence(data_dir, tmp_path):
     with pytest.raises(CourseError, match="sees no CUDA GPU"):
-        Trainer(make_config(data_dir, tmp_path / "run", device="cuda"))
+        Trainer.from_config(make_config(data_dir, tmp_path / "run", device="cuda"))
+
+
+# --- composition: parts and seams are passed in ----------------------------------------------------------
+
+def test_trainer_imports_no_later_chapter():
+    code = ("import sys, openllm_edu.trainer; "
+            "assert not {'openllm_edu.distributed', 'openllm_edu.memory'} & set(sys.modules), sorted(sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+class RecordingStrategy(SingleProcess):
+    "One process, noting which of the strategy's moments the trainer reached."
+
+    def __init__(self):
+        super().__init__(torch.device("cpu"))
+        self.calls = []
+
+    def no_sync(self, model):
+        self.calls.append("no_sync")
+        return super().no_sync(model)
+
+    def reduce_mean(self, tensor):
+        self.calls.append("reduce_mean")
+        return tensor
+
+    def evaluate(self, model, tokens, n_bytes, **options):
+        self.calls.append("evaluate")
+        return super().evaluate(model, tokens, n_bytes, **options)
+
+    def barrier(self):
+        self.calls.append("barrier")
+
+
+def test_a_strategy_and_a_step_wrapper_passed_in_are_used(data_dir, tmp_path):
+    strategy, wrapped = RecordingStrategy(), []
+
+    def wrapper(step_fn):
+        def counted(trainer, x, y):
+            wrapped.append(tuple(x.shape))
+            return step_fn(trainer, x, y)
+        return counted
+
+    config = make_config(data_dir, tmp_path / "run", grad_accum=3, max_steps=4, eval_every=2)
+    trainer = Trainer.from_config(config, strategy=strategy, step_wrappers=[wrapper], loggers=[])
+    trainer.fit()
+    assert wrapped == [(12, 32)] * 4  # grad_accum × batch_size sequences per step
+    assert strategy.calls.count("no_sync") == 4 * 2  # every micro-step but the last
+    assert strategy.calls.count("reduce_mean") == 4 and strategy.calls.count("evaluate") == 2
+    assert strategy.calls.count("barrier") == 2 * 2  # around each of the 2 checkpoints
+    assert not (tmp_path / "run" / "metrics.jsonl").exists(), "no loggers passed, none made"
+
+
+def test_a_trainer_built_from_parts_equals_one_built_from_the_config(data_dir, tmp_path):
+    from openllm_edu.data import BatchSampler
+    from openllm_edu.trainer import TrainData
+    config = make_config(data_dir, tmp_path / "config", max_steps=3, eval_every=0)
+    from_config = Trainer.from_config(config)
+    from_config.fit()
+    data = TrainData.load(data_dir)
+    torch.manual_seed(config.seed)
+    model = GPT(GPTConfig.preset("tiny", vocab_size=data.vocab_size, block_size=32, **SMALL_MODEL))
+    by_hand = Trainer(model, make_optimizer(model, config.optimizer, lr=config.schedule.lr_at(0)), config.schedule,
+                      BatchSampler(data.train, config.batch_size, config.block_size, seed=config.seed),
+                      config=config.replace(out_dir=str(tmp_path / "parts")), data=data)
+    by_hand.fit()
+    for a, b in zip(from_config.model.parameters(), by_hand.model.parameters()):
+        assert torch.equal(a, b)
+    assert by_hand.checkpointer is None and not (tmp_path / "parts" / "checkpoints").exists()
+
+
+def test_old_flat_configs_and_checkpoints_still_load(data_dir, tmp_path):
+    flat = dict(data_dir=str(data_dir), out_dir=str(tmp_path / "run"), model="tiny", model_overrides=SMALL_MODEL,
+                block_size=32, batch_size=4, max_steps=6, optimizer="lion", lr=3e-3, min_lr=1e-4, weight_decay=0.2,
+                betas=[0.8, 0.9], schedule="wsd", warmup_steps=2, decay_fraction=0.5, eval_every=0,
+                precision="fp32", progress=False, tensorboard=False)
+    (tmp_path / "old.json").write_text(json.dumps(flat))
+    config = TrainConfig.load(tmp_path / "old.json")
+    assert config.optimizer == OptimizerConfig("lion", weight_decay=0.2, betas=(0.8, 0.9))
+    assert config.schedule == ScheduleConfig("wsd", max_lr=3e-3, min_lr=1e-4, warmup_steps=2, total_steps=6,
+                                             decay_fraction=0.5)
+    Trainer.from_config(config.replace(max_steps=3)).fit()
+    checkpoint = Checkpointer.find(tmp_path / "run")
+    state = Checkpointer.load(checkpoint)
+    state["config"] = {**flat, "max_steps": 3}  # as a checkpoint written before the nesting holds it
+    torch.save(state, checkpoint)
+    resumed = Trainer.resume(tmp_path / "run", max_steps=6)
+    assert resumed.step == 3 and resumed.config == config
+    resumed.fit()
+    assert resumed.step == 6
+
+
+def test_a_memory_budget_without_the_back_off_is_refused(data_dir, tmp_path):
+    with pytest.raises(CourseError, match="oom_back_off"):
+        Trainer.from_config(make_config(data_dir, tmp_path / "run", memory_budget_mb=100.0))
