@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .core import CourseError, Settings, atomic_write_bytes, load_settings
+
+if TYPE_CHECKING:  # for annotations only: nbformat takes a second to import, so functions import it when called
+    import nbformat
+
 
 # %% auto #0
 __all__ = ['SOLUTION_BEGIN', 'SOLUTION_END', 'HIDDEN_BEGIN', 'HIDDEN_END', 'CODE_STUB', 'nbgrader_of', 'is_graded_cell',

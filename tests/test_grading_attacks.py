@@ -68,8 +68,8 @@ import pytest
 
 from openllm_edu import exercises, sandbox
 from openllm_edu.autograde import GradeReport, grade, grade_folder, report_markdown
-from openllm_edu.submission import grading_seed
 from openllm_edu.core import load_settings
+from openllm_edu.submission import grading_seed
 
 FIXTURE = Path(__file__).parent / "fixtures" / "grading"
 ATTACKS = FIXTURE / "attacks"
