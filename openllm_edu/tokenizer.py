@@ -20,8 +20,8 @@ from .core import CourseError, atomic_write_bytes
 
 # %% auto #0
 __all__ = ['GPT2_SPLIT_PATTERN', 'GPT4_SPLIT_PATTERN', 'SPLIT_PATTERNS', 'TOKENIZER_FILE', 'EOS_TOKEN', 'TOKENIZER_KINDS',
-           'get_stats', 'merge', 'most_frequent_pair', 'as_documents', 'train_bpe_naive', 'merges_to_token_bytes',
-           'apply_merges', 'bpe_encode', 'bpe_decode', 'compile_split_pattern', 'split_text', 'Tokenizer',
+           'get_stats', 'merge', 'most_frequent_pair', 'compile_split_pattern', 'split_text', 'as_documents',
+           'train_bpe_naive', 'merges_to_token_bytes', 'apply_merges', 'bpe_encode', 'bpe_decode', 'Tokenizer',
            'saved_files', 'save_tokenizer', 'tokenizer_fingerprint', 'CharTokenizer', 'BPETokenizer',
            'train_sentencepiece_model', 'join_ids', 'SentencePieceTokenizer', 'make_tokenizer', 'load_tokenizer',
            'tokenizer_stats']
@@ -51,6 +51,40 @@ def merge(ids: Sequence[int], pair: tuple[int, int], new_id: int) -> list[int]:
 def most_frequent_pair(counts: dict[tuple[int, int], int], token_bytes: Sequence[bytes]) -> tuple[int, int]:
     "The pair to merge next: highest count, ties to the greatest (bytes(left), bytes(right)), then ids."
     return max(counts, key=lambda p: (counts[p], token_bytes[p[0]], token_bytes[p[1]], p))
+
+# %% ../nbs/02_tokenizer.ipynb #a8447886
+GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+GPT4_SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}"""
+                      r"""| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+""")
+SPLIT_PATTERNS = {"gpt2": GPT2_SPLIT_PATTERN, "gpt4": GPT4_SPLIT_PATTERN}
+
+
+def compile_split_pattern(split_pattern: str | None):
+    "None, a name from SPLIT_PATTERNS, or a regular expression (syntax of the `regex` package)."
+    if split_pattern is None or isinstance(split_pattern, regex.Pattern):
+        return split_pattern
+    try:
+        return regex.compile(SPLIT_PATTERNS.get(split_pattern, split_pattern))
+    except (regex.error, TypeError) as e:
+        raise CourseError(f"split_pattern {split_pattern!r} is not a valid regular expression ({e}); use "
+                          f"None, one of {sorted(SPLIT_PATTERNS)}, or fix the expression.") from None
+
+
+def split_text(text: str, split_pattern=None) -> list[str]:
+    "Chunks whose concatenation is `text`: the pattern's matches, plus any text between them."
+    pattern = compile_split_pattern(split_pattern) if isinstance(split_pattern, str) else split_pattern
+    if pattern is None:
+        return [text] if text else []
+    chunks, end = [], 0
+    for match in pattern.finditer(text):
+        if match.start() > end:  # a pattern that skips text must not lose it
+            chunks.append(text[end:match.start()])
+        if match.end() > match.start():
+            chunks.append(match.group())
+        end = max(end, match.end())
+    if end < len(text):
+        chunks.append(text[end:])
+    return chunks
 
 # %% ../nbs/02_tokenizer.ipynb #f7c2dde0
 def as_documents(texts: str | Iterable[str]) -> list[str]:
@@ -128,40 +162,6 @@ def bpe_decode(ids: Iterable[int], merges: Sequence[tuple[tuple[int, int], int]]
     "Reference decoder: concatenate the bytes of each id and decode them as UTF-8."
     token_bytes = merges_to_token_bytes(merges)
     return b"".join(token_bytes[i] for i in ids).decode("utf-8", errors="replace")
-
-# %% ../nbs/02_tokenizer.ipynb #a8447886
-GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-GPT4_SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}"""
-                      r"""| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+""")
-SPLIT_PATTERNS = {"gpt2": GPT2_SPLIT_PATTERN, "gpt4": GPT4_SPLIT_PATTERN}
-
-
-def compile_split_pattern(split_pattern: str | None):
-    "None, a name from SPLIT_PATTERNS, or a regular expression (syntax of the `regex` package)."
-    if split_pattern is None or isinstance(split_pattern, regex.Pattern):
-        return split_pattern
-    try:
-        return regex.compile(SPLIT_PATTERNS.get(split_pattern, split_pattern))
-    except (regex.error, TypeError) as e:
-        raise CourseError(f"split_pattern {split_pattern!r} is not a valid regular expression ({e}); use "
-                          f"None, one of {sorted(SPLIT_PATTERNS)}, or fix the expression.") from None
-
-
-def split_text(text: str, split_pattern=None) -> list[str]:
-    "Chunks whose concatenation is `text`: the pattern's matches, plus any text between them."
-    pattern = compile_split_pattern(split_pattern) if isinstance(split_pattern, str) else split_pattern
-    if pattern is None:
-        return [text] if text else []
-    chunks, end = [], 0
-    for match in pattern.finditer(text):
-        if match.start() > end:  # a pattern that skips text must not lose it
-            chunks.append(text[end:match.start()])
-        if match.end() > match.start():
-            chunks.append(match.group())
-        end = max(end, match.end())
-    if end < len(text):
-        chunks.append(text[end:])
-    return chunks
 
 # %% ../nbs/02_tokenizer.ipynb #e8d722d9
 class Tokenizer:
@@ -411,14 +411,13 @@ def train_sentencepiece_model(lines: list[str], vocab_size: int, character_cover
 
 # %% ../nbs/02_tokenizer.ipynb #8c98317d
 def _sentencepiece_error(error: RuntimeError, vocab_size: int) -> Exception:
-    if too_high := regex.search(r"Vocabulary size too high.*<= (\d+)", str(error)):
+    "SentencePiece's failure for an impossible vocabulary size as a CourseError that names a size that works."
+    if found := regex.search(r"Vocabulary size too high.*<= (\d+)", str(error)):
         return CourseError(f"vocab_size={vocab_size} is too large for this text: SentencePiece can make at most "
-                           f"{too_high.group(1)} pieces from it; use --vocab-size {too_high.group(1)} or less, "
-                           "or train on more text.")
-    if too_small := regex.search(r"smaller than required_chars\. (\d+) vs (\d+)", str(error)):
-        return CourseError(f"vocab_size={vocab_size} is too small: SentencePiece needs {too_small.group(2)} ids "
-                           "for its special, byte and character pieces; use --vocab-size "
-                           f"{too_small.group(2)} or more.")
+                           f"{found[1]} pieces from it; use --vocab-size {found[1]} or less, or train on more text.")
+    if found := regex.search(r"smaller than required_chars\. (\d+) vs (\d+)", str(error)):
+        return CourseError(f"vocab_size={vocab_size} is too small: SentencePiece needs {found[2]} ids for its "
+                           f"special, byte and character pieces; use --vocab-size {found[2]} or more.")
     return error
 
 # %% ../nbs/02_tokenizer.ipynb #f2a4d27b
