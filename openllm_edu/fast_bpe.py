@@ -17,8 +17,8 @@ from .core import CourseError, atomic_write_text, get_profile
 from .data import hash_split, shakespeare_documents, token_dtype, write_splits
 from .sources import CorpusReport, load_corpus
 from .tokenizer import (
-    SPLIT_PATTERNS, TOKENIZER_KINDS, BPETokenizer, Tokenizer, _check_bpe_vocab_size, _warn_early_stop, as_documents,
-    compile_split_pattern, load_tokenizer, make_tokenizer, merge, split_text, train_bpe_naive)
+    SPLIT_PATTERNS, TOKENIZER_KINDS, BPETokenizer, Tokenizer, _check_bpe_vocab_size, _warn_early_stop, apply_merges,
+    as_documents, compile_split_pattern, load_tokenizer, make_tokenizer, split_text, train_bpe_naive)
 
 # %% auto #0
 __all__ = ['FAST_TOKENIZER_KINDS', 'PairHeap', 'train_bpe_incremental', 'TokenizerTiming', 'bench_bpe_training', 'encode_chunk',
@@ -169,15 +169,6 @@ def bench_bpe_training(text_bytes: int = 100_000, vocab_size: int = 512, split_p
                            seconds=end - middle, reference_seconds=middle - start, same_merges=fast == reference)
 
 # %% ../nbs/02b_fast_bpe.ipynb #4e957cff
-def _encode_short(ids: list[int], rank: dict) -> list[int]:
-    while len(ids) >= 2:
-        pair = min(zip(ids, ids[1:]), key=lambda p: rank.get(p, float("inf")))
-        if pair not in rank:
-            break
-        ids = merge(ids, pair, rank[pair])
-    return ids
-
-
 def _encode_long(ids: list[int], rank: dict) -> list[int]:
     n = len(ids)
     next_, prev = list(range(1, n + 1)), list(range(-1, n - 1))
@@ -204,18 +195,29 @@ def _encode_long(ids: list[int], rank: dict) -> list[int]:
 
 def encode_chunk(data: bytes, rank: dict[tuple[int, int], int]) -> list[int]:
     "BPE-encode one chunk; `rank` maps each merged pair to its new id. Same result as `bpe_encode`."
-    ids = list(data)
-    return _encode_short(ids, rank) if len(ids) <= 32 else _encode_long(ids, rank)
+    ids = list(data)  # short chunks: chapter 02's loop is quicker than building a heap
+    return apply_merges(ids, rank) if len(ids) <= 32 else _encode_long(ids, rank)
 
 # %% ../nbs/02b_fast_bpe.ipynb #bfe7666f
 class FastBPETokenizer(BPETokenizer):
     "`BPETokenizer` with the incremental trainer and the heap encoder: the same merges and ids, much sooner."
+    cache_size = 1 << 18
 
     def learn_merges(self, texts: str | Iterable[str], vocab_size: int) -> list[tuple[tuple[int, int], int]]:
         return train_bpe_incremental(texts, vocab_size, self._pattern)
 
+    def _set_merges(self, merges) -> FastBPETokenizer:
+        self._cache: dict[bytes, tuple[int, ...]] = {}  # new merges, new cache
+        return super()._set_merges(merges)
+
     def encode_chunk(self, data: bytes) -> list[int]:
-        return encode_chunk(data, self._rank)
+        if len(data) > 64:  # only short chunks (words) repeat often enough to be worth keeping
+            return encode_chunk(data, self._rank)
+        if data not in self._cache:
+            if len(self._cache) >= self.cache_size:
+                self._cache.clear()
+            self._cache[data] = tuple(encode_chunk(data, self._rank))
+        return list(self._cache[data])
 
 
 FAST_TOKENIZER_KINDS = {**TOKENIZER_KINDS, "bpe": FastBPETokenizer}

@@ -11,6 +11,7 @@ import os
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from itertools import chain, groupby
 from pathlib import Path
 
 import regex
@@ -19,10 +20,11 @@ from .core import CourseError, atomic_write_bytes
 
 # %% auto #0
 __all__ = ['GPT2_SPLIT_PATTERN', 'GPT4_SPLIT_PATTERN', 'SPLIT_PATTERNS', 'TOKENIZER_FILE', 'EOS_TOKEN', 'TOKENIZER_KINDS',
-           'get_stats', 'merge', 'most_frequent_pair', 'as_documents', 'train_bpe_naive', 'merges_to_token_bytes',
-           'bpe_encode', 'bpe_decode', 'compile_split_pattern', 'split_text', 'Tokenizer', 'saved_files',
-           'save_tokenizer', 'tokenizer_fingerprint', 'CharTokenizer', 'BPETokenizer', 'train_sentencepiece_model',
-           'SentencePieceTokenizer', 'make_tokenizer', 'load_tokenizer', 'tokenizer_stats']
+           'get_stats', 'merge', 'most_frequent_pair', 'compile_split_pattern', 'split_text', 'as_documents',
+           'train_bpe_naive', 'merges_to_token_bytes', 'apply_merges', 'bpe_encode', 'bpe_decode', 'Tokenizer',
+           'saved_files', 'save_tokenizer', 'tokenizer_fingerprint', 'CharTokenizer', 'BPETokenizer',
+           'train_sentencepiece_model', 'join_ids', 'SentencePieceTokenizer', 'make_tokenizer', 'load_tokenizer',
+           'tokenizer_stats']
 
 # %% ../nbs/02_tokenizer.ipynb #bebbc320
 def get_stats(ids: Sequence[int], counts: dict | None = None) -> dict[tuple[int, int], int]:
@@ -49,6 +51,40 @@ def merge(ids: Sequence[int], pair: tuple[int, int], new_id: int) -> list[int]:
 def most_frequent_pair(counts: dict[tuple[int, int], int], token_bytes: Sequence[bytes]) -> tuple[int, int]:
     "The pair to merge next: highest count, ties to the greatest (bytes(left), bytes(right)), then ids."
     return max(counts, key=lambda p: (counts[p], token_bytes[p[0]], token_bytes[p[1]], p))
+
+# %% ../nbs/02_tokenizer.ipynb #a8447886
+GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+GPT4_SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}"""
+                      r"""| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+""")
+SPLIT_PATTERNS = {"gpt2": GPT2_SPLIT_PATTERN, "gpt4": GPT4_SPLIT_PATTERN}
+
+
+def compile_split_pattern(split_pattern: str | None):
+    "None, a name from SPLIT_PATTERNS, or a regular expression (syntax of the `regex` package)."
+    if split_pattern is None or isinstance(split_pattern, regex.Pattern):
+        return split_pattern
+    try:
+        return regex.compile(SPLIT_PATTERNS.get(split_pattern, split_pattern))
+    except (regex.error, TypeError) as e:
+        raise CourseError(f"split_pattern {split_pattern!r} is not a valid regular expression ({e}); use "
+                          f"None, one of {sorted(SPLIT_PATTERNS)}, or fix the expression.") from None
+
+
+def split_text(text: str, split_pattern=None) -> list[str]:
+    "Chunks whose concatenation is `text`: the pattern's matches, plus any text between them."
+    pattern = compile_split_pattern(split_pattern) if isinstance(split_pattern, str) else split_pattern
+    if pattern is None:
+        return [text] if text else []
+    chunks, end = [], 0
+    for match in pattern.finditer(text):
+        if match.start() > end:  # a pattern that skips text must not lose it
+            chunks.append(text[end:match.start()])
+        if match.end() > match.start():
+            chunks.append(match.group())
+        end = max(end, match.end())
+    if end < len(text):
+        chunks.append(text[end:])
+    return chunks
 
 # %% ../nbs/02_tokenizer.ipynb #f7c2dde0
 def as_documents(texts: str | Iterable[str]) -> list[str]:
@@ -107,57 +143,25 @@ def merges_to_token_bytes(merges: Iterable[tuple[tuple[int, int], int]]) -> list
     return token_bytes
 
 
-def bpe_encode(text: str, merges: Sequence[tuple[tuple[int, int], int]]) -> list[int]:
-    "Reference encoder: merge the earliest-learned adjacent pair until none is left."
-    rank = {pair: new_id for pair, new_id in merges}
-    ids = list(text.encode("utf-8"))
+def apply_merges(ids: list[int], rank: dict[tuple[int, int], int]) -> list[int]:
+    "Merge the earliest-learned adjacent pair (the lowest new id in `rank`) until none is left."
     while len(ids) >= 2:
-        counts = get_stats(ids)
-        pair = min(counts, key=lambda p: rank.get(p, float("inf")))
+        pair = min(zip(ids, ids[1:]), key=lambda p: rank.get(p, math.inf))
         if pair not in rank:
             break
         ids = merge(ids, pair, rank[pair])
     return ids
 
 
+def bpe_encode(text: str, merges: Sequence[tuple[tuple[int, int], int]]) -> list[int]:
+    "Reference encoder: the text's UTF-8 bytes with the merges applied, earliest learned first."
+    return apply_merges(list(text.encode("utf-8")), dict(merges))
+
+
 def bpe_decode(ids: Iterable[int], merges: Sequence[tuple[tuple[int, int], int]]) -> str:
     "Reference decoder: concatenate the bytes of each id and decode them as UTF-8."
     token_bytes = merges_to_token_bytes(merges)
     return b"".join(token_bytes[i] for i in ids).decode("utf-8", errors="replace")
-
-# %% ../nbs/02_tokenizer.ipynb #a8447886
-GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-GPT4_SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}"""
-                      r"""| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+""")
-SPLIT_PATTERNS = {"gpt2": GPT2_SPLIT_PATTERN, "gpt4": GPT4_SPLIT_PATTERN}
-
-
-def compile_split_pattern(split_pattern: str | None):
-    "None, a name from SPLIT_PATTERNS, or a regular expression (syntax of the `regex` package)."
-    if split_pattern is None or isinstance(split_pattern, regex.Pattern):
-        return split_pattern
-    try:
-        return regex.compile(SPLIT_PATTERNS.get(split_pattern, split_pattern))
-    except (regex.error, TypeError) as e:
-        raise CourseError(f"split_pattern {split_pattern!r} is not a valid regular expression ({e}); use "
-                          f"None, one of {sorted(SPLIT_PATTERNS)}, or fix the expression.") from None
-
-
-def split_text(text: str, split_pattern=None) -> list[str]:
-    "Chunks whose concatenation is `text`: the pattern's matches, plus any text between them."
-    pattern = compile_split_pattern(split_pattern) if isinstance(split_pattern, str) else split_pattern
-    if pattern is None:
-        return [text] if text else []
-    chunks, end = [], 0
-    for match in pattern.finditer(text):
-        if match.start() > end:  # a pattern that skips text must not lose it
-            chunks.append(text[end:match.start()])
-        if match.end() > match.start():
-            chunks.append(match.group())
-        end = max(end, match.end())
-    if end < len(text):
-        chunks.append(text[end:])
-    return chunks
 
 # %% ../nbs/02_tokenizer.ipynb #e8d722d9
 class Tokenizer:
@@ -182,8 +186,8 @@ class Tokenizer:
 
     @property
     def special_ids(self) -> dict[str, int]:
-        "Role -> id, e.g. {'eos': 8191}."
-        raise NotImplementedError
+        "Role -> id; unless a tokenizer says otherwise, one <|endoftext|> with the last id."
+        return {"eos": self.vocab_size - 1}
 
     @property
     def eos_id(self) -> int:
@@ -210,11 +214,15 @@ class Tokenizer:
             raise CourseError(f"this {self.kind} tokenizer has no vocabulary yet; call .train(texts, vocab_size) "
                               "or load a trained one with load_tokenizer(directory).")
 
-    def _check_ids(self, ids: list[int]) -> None:
+    def _check_ids(self, ids: Iterable[int]) -> list[int]:
+        "`ids` as a list, once we know this tokenizer is trained and has every one of them."
+        ids = list(ids)
+        self._require_trained()
         if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
             bad = next(i for i in ids if not 0 <= i < self.vocab_size)
             raise CourseError(f"token id {bad} is outside this tokenizer's vocabulary (0..{self.vocab_size - 1}); "
                               "were these ids made by a different tokenizer?")
+        return ids
 
     def save(self, directory: str | Path) -> Path:
         "Write the tokenizer into `directory` atomically (tokenizer.json last); return the directory."
@@ -273,22 +281,20 @@ class CharTokenizer(Tokenizer):
         self.chars: list[str] | None = None
 
     def train(self, texts: str | Iterable[str], vocab_size: int | None = None) -> CharTokenizer:
-        counts = Counter()
-        for document in as_documents(texts):
-            counts.update(document)
+        counts = Counter(chain.from_iterable(as_documents(texts)))
         chars = sorted(counts)
         if vocab_size is not None:
             if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 257:
-                raise CourseError(f"vocab_size={vocab_size!r} is impossible: the character tokenizer needs 256 "
-                                  "byte-fallback ids and 1 special token, so at least 257 (plus one per "
-                                  "character); use a larger vocabulary or leave it out to keep every character.")
+                raise CourseError(f"vocab_size={vocab_size!r} is impossible: the character tokenizer needs 256 byte-"
+                                  "fallback ids and 1 special token, so at least 257 (plus one per character); use "
+                                  "a larger vocabulary or leave it out to keep every character.")
             chars = sorted(sorted(counts, key=lambda c: (-counts[c], c))[:vocab_size - 257])
-        self._set_chars(chars)
-        return self
+        return self._set_chars(chars)
 
-    def _set_chars(self, chars: list[str]) -> None:
+    def _set_chars(self, chars: list[str]) -> CharTokenizer:
         self.chars = list(chars)
         self._char_id = {c: i for i, c in enumerate(self.chars)}
+        return self
 
     @property
     def trained(self) -> bool:
@@ -298,10 +304,6 @@ class CharTokenizer(Tokenizer):
     def vocab_size(self) -> int:
         self._require_trained()
         return len(self.chars) + 257
-
-    @property
-    def special_ids(self) -> dict[str, int]:
-        return {"eos": self.vocab_size - 1}
 
     def encode(self, text: str) -> list[int]:
         self._require_trained()
@@ -315,35 +317,24 @@ class CharTokenizer(Tokenizer):
         return ids
 
     def decode(self, ids: Iterable[int]) -> str:
-        ids = list(ids)
-        self._require_trained()
-        self._check_ids(ids)
-        parts, pending, first_byte = [], bytearray(), len(self.chars)
-        for i in ids:
-            if first_byte <= i < first_byte + 256:
-                pending.append(i - first_byte)
-                continue
-            if pending:
-                parts.append(pending.decode("utf-8", errors="replace"))
-                pending.clear()
-            parts.append(self.chars[i] if i < first_byte else EOS_TOKEN)
-        parts.append(pending.decode("utf-8", errors="replace"))
-        return "".join(parts)
+        ids, first_byte = self._check_ids(ids), len(self.chars)
+        # consecutive byte ids decode together: one character may have been split into several bytes
+        runs = groupby(ids, key=lambda i: first_byte <= i < first_byte + 256)
+        return "".join(bytes(i - first_byte for i in run).decode("utf-8", errors="replace") if is_bytes
+                       else "".join(self.chars[i] if i < first_byte else EOS_TOKEN for i in run)
+                       for is_bytes, run in runs)
 
     def _config(self) -> dict:
         return {"chars": self.chars}
 
     @classmethod
     def _from_saved(cls, config: dict, directory: Path) -> CharTokenizer:
-        tokenizer = cls()
-        tokenizer._set_chars(config["chars"])
-        return tokenizer
+        return cls()._set_chars(config["chars"])
 
 # %% ../nbs/02_tokenizer.ipynb #43ee6de4
 class BPETokenizer(Tokenizer):
     "Byte-level BPE trained from scratch: 256 byte ids, then merges 256 + i, then <|endoftext|>."
     kind = "bpe"
-    cache_size = 1 << 18
 
     def __init__(self, split_pattern: str | None = "gpt4"):
         self.split_pattern = split_pattern
@@ -352,28 +343,21 @@ class BPETokenizer(Tokenizer):
 
     def train(self, texts: str | Iterable[str], vocab_size: int) -> BPETokenizer:
         _check_bpe_vocab_size(vocab_size, specials=1)
-        self._set_merges(self.learn_merges(texts, vocab_size - 1))
-        return self
+        return self._set_merges(self.learn_merges(texts, vocab_size - 1))
 
     def learn_merges(self, texts: str | Iterable[str], vocab_size: int) -> list[tuple[tuple[int, int], int]]:
         "The merges for ids 256 .. vocab_size - 1: this chapter's obvious trainer."
         return train_bpe_naive(texts, vocab_size, self._pattern)
 
     def encode_chunk(self, data: bytes) -> list[int]:
-        "One chunk's ids: merge the earliest-learned adjacent pair until none is left, as `bpe_encode`."
-        ids = list(data)
-        while len(ids) >= 2:
-            pair = min(zip(ids, ids[1:]), key=lambda p: self._rank.get(p, math.inf))
-            if pair not in self._rank:
-                break
-            ids = merge(ids, pair, self._rank[pair])
-        return ids
+        "One chunk's ids, by the rule of `bpe_encode`."
+        return apply_merges(list(data), self._rank)
 
-    def _set_merges(self, merges) -> None:
+    def _set_merges(self, merges) -> BPETokenizer:
         self.merges = [((int(a), int(b)), int(new_id)) for (a, b), new_id in merges]
         self._rank = {pair: new_id for pair, new_id in self.merges}
         self._token_bytes = merges_to_token_bytes(self.merges) + [EOS_TOKEN.encode()]
-        self._cache: dict[str, list[int]] = {}
+        return self
 
     @property
     def trained(self) -> bool:
@@ -385,10 +369,6 @@ class BPETokenizer(Tokenizer):
         return 256 + len(self.merges) + 1
 
     @property
-    def special_ids(self) -> dict[str, int]:
-        return {"eos": self.vocab_size - 1}
-
-    @property
     def token_bytes(self) -> list[bytes]:
         "The bytes each id stands for (the special token as its name)."
         self._require_trained()
@@ -396,22 +376,10 @@ class BPETokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         self._require_trained()
-        ids = []
-        for chunk in split_text(text, self._pattern):
-            cached = self._cache.get(chunk)
-            if cached is None:
-                cached = self.encode_chunk(chunk.encode("utf-8"))
-                if len(chunk) <= 64:  # only short chunks repeat often enough to be worth keeping
-                    if len(self._cache) >= self.cache_size:
-                        self._cache.clear()
-                    self._cache[chunk] = cached
-            ids.extend(cached)
-        return ids
+        return [i for chunk in split_text(text, self._pattern) for i in self.encode_chunk(chunk.encode("utf-8"))]
 
     def decode(self, ids: Iterable[int]) -> str:
-        ids = list(ids)
-        self._require_trained()
-        self._check_ids(ids)
+        ids = self._check_ids(ids)
         return b"".join(self._token_bytes[i] for i in ids).decode("utf-8", errors="replace")
 
     def _config(self) -> dict:
@@ -419,9 +387,8 @@ class BPETokenizer(Tokenizer):
 
     @classmethod
     def _from_saved(cls, config: dict, directory: Path) -> BPETokenizer:
-        tokenizer = cls(config["split_pattern"])
-        tokenizer._set_merges(((tuple(pair), 256 + i) for i, pair in enumerate(config["merges"])))
-        return tokenizer
+        return cls(config["split_pattern"])._set_merges((tuple(pair), 256 + i)
+                                                        for i, pair in enumerate(config["merges"]))
 
 # %% ../nbs/02_tokenizer.ipynb #dac84dc6
 def train_sentencepiece_model(lines: list[str], vocab_size: int, character_coverage: float,
@@ -442,6 +409,22 @@ def train_sentencepiece_model(lines: list[str], vocab_size: int, character_cover
         raise _sentencepiece_error(e, vocab_size) from None
     return model.getvalue()
 
+# %% ../nbs/02_tokenizer.ipynb #8c98317d
+def _sentencepiece_error(error: RuntimeError, vocab_size: int) -> Exception:
+    "SentencePiece's failure for an impossible vocabulary size as a CourseError that names a size that works."
+    if found := regex.search(r"Vocabulary size too high.*<= (\d+)", str(error)):
+        return CourseError(f"vocab_size={vocab_size} is too large for this text: SentencePiece can make at most "
+                           f"{found[1]} pieces from it; use --vocab-size {found[1]} or less, or train on more text.")
+    if found := regex.search(r"smaller than required_chars\. (\d+) vs (\d+)", str(error)):
+        return CourseError(f"vocab_size={vocab_size} is too small: SentencePiece needs {found[2]} ids for its "
+                           f"special, byte and character pieces; use --vocab-size {found[2]} or more.")
+    return error
+
+# %% ../nbs/02_tokenizer.ipynb #f2a4d27b
+def join_ids(runs: Sequence[list[int]], separator: list[int]) -> list[int]:
+    "The runs of ids with `separator` between each two of them, as `str.join` does for strings."
+    return [i for k, run in enumerate(runs) for i in (separator + run if k else run)]
+
 # %% ../nbs/02_tokenizer.ipynb #a100baeb
 class SentencePieceTokenizer(Tokenizer):
     "SentencePiece BPE with byte fallback; pad 0, unk 1, bos 2, eos 3."
@@ -455,19 +438,18 @@ class SentencePieceTokenizer(Tokenizer):
         self.model_proto: bytes | None = None
 
     def train(self, texts: str | Iterable[str], vocab_size: int = 32_000) -> SentencePieceTokenizer:
-        documents = as_documents(texts)
-        lines = [line for document in documents for line in document.split("\n") if line]
+        lines = [line for document in as_documents(texts) for line in document.split("\n") if line]
         if not lines:
             raise CourseError("there is no text to train on (only line breaks); pass documents with text.")
-        self._set_model(train_sentencepiece_model(lines, vocab_size, self.character_coverage, self.SPECIALS))
-        return self
+        return self._set_model(train_sentencepiece_model(lines, vocab_size, self.character_coverage, self.SPECIALS))
 
-    def _set_model(self, model_proto: bytes) -> None:
+    def _set_model(self, model_proto: bytes) -> SentencePieceTokenizer:
         import sentencepiece as spm
         self.model_proto = model_proto
         self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
         self._meta_ids = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in self.META.encode("utf-8")]
         self._names = {i: piece for i, piece in self.SPECIALS.values()}
+        return self
 
     @property
     def trained(self) -> bool:
@@ -483,41 +465,20 @@ class SentencePieceTokenizer(Tokenizer):
         return {role: i for role, (i, _) in self.SPECIALS.items()}
 
     def encode(self, text: str) -> list[int]:
-        self._require_trained()
-        if self.META not in text:
-            return self._sp.encode(text)
-        ids = []
-        for k, part in enumerate(text.split(self.META)):
-            if k:
-                ids.extend(self._meta_ids)
-            if part:
-                ids.extend(self._sp.encode(part))
-        return ids
+        return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
         self._require_trained()
-        texts = list(texts)
-        plain = [i for i, t in enumerate(texts) if self.META not in t]
-        result = [None] * len(texts)
-        for i, ids in zip(plain, self._sp.encode([texts[i] for i in plain])):
-            result[i] = ids
-        return [ids if ids is not None else self.encode(t) for ids, t in zip(result, texts)]
+        # SentencePiece decodes every ▁ as a space, so a ▁ of the text goes in as its three byte pieces
+        parts = [text.split(self.META) for text in texts]
+        encoded = iter(self._sp.encode([part for text_parts in parts for part in text_parts]))
+        return [join_ids([next(encoded) for _ in text_parts], self._meta_ids) for text_parts in parts]
 
     def decode(self, ids: Iterable[int]) -> str:
-        ids = list(ids)
-        self._require_trained()
-        self._check_ids(ids)
-        if not ids or min(ids) >= len(self._names):
-            return self._sp.decode(ids)
-        parts, run = [], []
-        for i in ids:
-            if i in self._names:
-                parts.extend([self._sp.decode(run), self._names[i]])
-                run = []
-            else:
-                run.append(i)
-        parts.append(self._sp.decode(run))
-        return "".join(parts)
+        ids = self._check_ids(ids)
+        # SentencePiece leaves special ids out when decoding; we write their names, as the other tokenizers do
+        return "".join("".join(self._names[i] for i in run) if special else self._sp.decode(list(run))
+                       for special, run in groupby(ids, key=self._names.__contains__))
 
     def _config(self) -> dict:
         return {"model_file": self.MODEL_FILE, "character_coverage": self.character_coverage}
@@ -527,24 +488,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     @classmethod
     def _from_saved(cls, config: dict, directory: Path) -> SentencePieceTokenizer:
-        tokenizer = cls(config["character_coverage"])
-        tokenizer._set_model((directory / config["model_file"]).read_bytes())
-        return tokenizer
-
-# %% ../nbs/02_tokenizer.ipynb #8c98317d
-def _sentencepiece_error(error: RuntimeError, vocab_size: int) -> Exception:
-    message = str(error)
-    too_high = regex.search(r"Vocabulary size too high.*<= (\d+)", message)
-    if too_high:
-        return CourseError(f"vocab_size={vocab_size} is too large for this text: SentencePiece can make at most "
-                           f"{too_high.group(1)} pieces from it; use --vocab-size {too_high.group(1)} or less, "
-                           "or train on more text.")
-    too_small = regex.search(r"smaller than required_chars\. (\d+) vs (\d+)", message)
-    if too_small:
-        return CourseError(f"vocab_size={vocab_size} is too small: SentencePiece needs {too_small.group(2)} ids "
-                           "for its special, byte and character pieces; use --vocab-size "
-                           f"{too_small.group(2)} or more.")
-    return error
+        return cls(config["character_coverage"])._set_model((directory / config["model_file"]).read_bytes())
 
 # %% ../nbs/02_tokenizer.ipynb #2947e530
 TOKENIZER_KINDS = {"char": CharTokenizer, "bpe": BPETokenizer, "sentencepiece": SentencePieceTokenizer}
