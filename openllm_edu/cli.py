@@ -498,7 +498,7 @@ def cli_program(args: Sequence[str]) -> list[str]:
 
 
 def cmd_launch(args) -> int:
-    from openllm_edu.distributed import launch
+    from openllm_edu.multinode import launch_node as launch
 
     if not args.worker_args:
         raise CourseError("nothing to launch: add the command every process runs, e.g. "
