@@ -16,16 +16,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .core import CourseError
+from .core import PRECISIONS, CourseError, check_precision
 
 # %% auto #0
-__all__ = ['DTYPES', 'PRECISIONS', 'TRAINER_OVERHEAD_TARGET', 'time_calls', 'time_interleaved', 'Timing', 'matmul_flops',
-           'time_matmul', 'measure_matmul_peak', 'model_flops_utilization', 'reuse_freed_memory',
-           'precision_dtype_name', 'precision_dtype', 'bench_config', 'bench_gpt', 'make_train_step', 'build_bare_step',
-           'time_training_steps', 'step_timing', 'bench_train_step', 'bench_generation', 'fastest_matmuls', 'use_peaks',
-           'bench_model', 'kv_cache_speedup', 'timing_table', 'format_model_bench', 'synthetic_train_data',
-           'trainer_precision', 'build_trainer_step', 'bench_trainer_step', 'bench_train', 'trainer_overhead',
-           'format_train_bench']
+__all__ = ['DTYPES', 'COMPILED', 'BENCH_VARIANTS', 'TRAINER_OVERHEAD_TARGET', 'time_calls', 'time_interleaved', 'Timing',
+           'matmul_flops', 'time_matmul', 'measure_matmul_peak', 'model_flops_utilization', 'reuse_freed_memory',
+           'variant_settings', 'bench_variants', 'precision_dtype_name', 'precision_dtype', 'bench_config', 'bench_gpt',
+           'make_train_step', 'build_bare_step', 'time_training_steps', 'step_timing', 'bench_train_step',
+           'bench_generation', 'fastest_matmuls', 'use_peaks', 'bench_model', 'kv_cache_speedup', 'timing_table',
+           'format_model_bench', 'synthetic_train_data', 'trainer_precision', 'build_trainer_step',
+           'bench_trainer_step', 'bench_train', 'trainer_overhead', 'format_train_bench']
 
 # %% ../nbs/96_benchmarks.ipynb #0f62f793
 def _check_repeats(repeats: int, warmup: int) -> None:
@@ -146,26 +146,34 @@ def reuse_freed_memory() -> bool:
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False
 
-# %% ../nbs/96_benchmarks.ipynb #731668d1
-PRECISIONS = ("fp32", "bf16", "bf16-compile")
+# %% ../nbs/96_benchmarks.ipynb #190370dc
+COMPILED = "-compile"  # the suffix of a variant that also compiles the model with torch.compile
+BENCH_VARIANTS = (*(p for p in PRECISIONS if p != "fp16"), "bf16" + COMPILED)  # fp16 needs a CUDA loss scaler
 
 
-def _check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise CourseError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}; pick one of those.")
+def variant_settings(variant: str) -> tuple[str, bool]:
+    "The training precision (one of core's PRECISIONS) of a benchmark variant, and whether it compiles the model."
+    if variant not in BENCH_VARIANTS:
+        raise CourseError(f"precision={variant!r} is not one of {', '.join(BENCH_VARIANTS)}; pick one of those.")
+    precision = variant.removesuffix(COMPILED)
+    return check_precision(precision), precision != variant
+
+
+def bench_variants(compile: bool = True) -> tuple[str, ...]:
+    "The variants a benchmark runs: all of them, or only those that do not compile (compiling takes minutes)."
+    return tuple(v for v in BENCH_VARIANTS if compile or not variant_settings(v)[1])
 
 
 def precision_dtype_name(precision: str) -> str:
-    "The name (in DTYPES) of the dtype the matmuls of `precision` run in: the peak MFU is measured against."
-    _check_precision(precision)
-    return "fp32" if precision == "fp32" else "bf16"
+    "The name (in DTYPES) of the dtype the matmuls of a variant run in: the peak its MFU is measured against."
+    return variant_settings(precision)[0]  # the training precisions a bench runs are named as in DTYPES
 
 
 def precision_dtype(precision: str) -> torch.dtype:
-    "The dtype the matmuls of `precision` run in (the peak MFU is measured against)."
+    "The dtype the matmuls of a variant run in (the peak its MFU is measured against)."
     return DTYPES[precision_dtype_name(precision)]
 
-
+# %% ../nbs/96_benchmarks.ipynb #3beabf82
 def bench_config(preset: str, block_size: int):
     "The preset's GPTConfig, with a context of at least block_size tokens."
     from openllm_edu.model import GPTConfig
@@ -181,9 +189,10 @@ def bench_gpt(preset: str, block_size: int, device: str = "cpu", seed: int = 0) 
 
 
 def make_train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str) -> Callable[[], None]:
-    "Chapter 07's `bare_train_step` (forward, backward, AdamW) in a benchmark precision, waiting for the device."
+    "Chapter 07's `bare_train_step` (forward, backward, AdamW) in a benchmark variant, waiting for the device."
     from openllm_edu.trainer import bare_train_step
-    step = bare_train_step(model, x, y, precision_dtype_name(precision), compile=precision == "bf16-compile")
+    training_precision, compiles = variant_settings(precision)
+    step = bare_train_step(model, x, y, training_precision, compile=compiles)
 
     def step_and_wait():
         step()
@@ -195,12 +204,12 @@ def make_train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, pr
 def build_bare_step(preset: str, block_size: int, batch_size: int, precision: str, device: str = "cpu",
                     seed: int = 0) -> Callable[[], None]:
     "`make_train_step` of GPT(preset) on one fixed batch of batch_size × block_size random tokens."
-    _check_precision(precision)  # before building a model for nothing
+    variant_settings(precision)  # checked before building a model for nothing
     model = bench_gpt(preset, block_size, device, seed)
     x, y = torch.randint(0, model.config.vocab_size, (2, batch_size, block_size), device=device)
     return make_train_step(model, x, y, precision)
 
-
+# %% ../nbs/96_benchmarks.ipynb #2974956b
 def time_training_steps(step_fns: Sequence[Callable[[], None]], steps: int,
                         warmup: int) -> list[tuple[float, list[float]]]:
     """(first call, `steps` timed calls) of each step function, taking turns. The first call (kernel choice,
@@ -278,14 +287,14 @@ def use_peaks(rows: Sequence[Timing], peaks: dict[str, Timing]) -> None:
 
 
 def bench_model(preset: str = "small", block_size: int = 256, batch_size: int = 8,
-                precisions: Sequence[str] = PRECISIONS, steps: int = 5, warmup: int = 2, new_tokens: int = 256,
+                precisions: Sequence[str] = BENCH_VARIANTS, steps: int = 5, warmup: int = 2, new_tokens: int = 256,
                 generation_repeats: int = 2, matmul_sizes: Sequence[int] = (1024, 2048), device: str = "cpu",
                 seed: int = 0, reuse_memory: bool = True) -> list[Timing]:
     """Matmul peaks (fp32, bf16), a training step in each precision (MFU against the peak of its dtype) and
     generation with and without the KV cache; the rows of `format_model_bench`. new_tokens=0 skips generation.
     reuse_memory calls `reuse_freed_memory()` first (for the rest of the process)."""
     for precision in precisions:
-        _check_precision(precision)
+        variant_settings(precision)
     if reuse_memory:
         reuse_freed_memory()
     peaks = fastest_matmuls(matmul_sizes, device)
@@ -301,7 +310,7 @@ def bench_model(preset: str = "small", block_size: int = 256, batch_size: int = 
                                          device=device, seed=seed))
     return rows
 
-
+# %% ../nbs/96_benchmarks.ipynb #aa6fd026
 def kv_cache_speedup(rows: Sequence[Timing]) -> float | None:
     "How many times faster generation is with the KV cache than without (None if either row is missing)."
     speed = {("no cache" in r.what): r.tokens_per_s for r in rows if r.what.startswith("generate")}
@@ -345,9 +354,9 @@ def synthetic_train_data(vocab_size: int, tokens: int = 1 << 20, seed: int = 0):
 
 
 def trainer_precision(precision: str) -> dict:
-    "The TrainConfig fields of a benchmark precision: bf16-compile is bf16 with compile=True."
-    _check_precision(precision)
-    return dict(precision="fp32" if precision == "fp32" else "bf16", compile=precision == "bf16-compile")
+    "The TrainConfig fields of a benchmark variant: bf16-compile is bf16 with compile=True."
+    training_precision, compiles = variant_settings(precision)
+    return dict(precision=training_precision, compile=compiles)
 
 
 def build_trainer_step(preset: str, block_size: int, batch_size: int, precision: str, out_dir: str | Path,
@@ -385,13 +394,13 @@ TRAINER_OVERHEAD_TARGET = 0.05  # the Trainer's step may cost at most 5% more th
 
 
 def bench_train(preset: str = "small", block_size: int = 256, batch_size: int = 8,
-                precisions: Sequence[str] = PRECISIONS, steps: int = 8, warmup: int = 2,
+                precisions: Sequence[str] = BENCH_VARIANTS, steps: int = 8, warmup: int = 2,
                 matmul_sizes: Sequence[int] = (1024, 2048), device: str = "cpu", seed: int = 0,
                 reuse_memory: bool = True) -> list[Timing]:
     """Matmul peaks (fp32, bf16), then for each precision the bare step and the Trainer's step, timed in turns
     (MFU against the peak of the precision's dtype); the rows of `format_train_bench`."""
     for precision in precisions:
-        _check_precision(precision)
+        variant_settings(precision)
     if reuse_memory:
         reuse_freed_memory()
     peaks = fastest_matmuls(matmul_sizes, device)

@@ -198,20 +198,20 @@ def cmd_bench_tokenizer(args) -> int:
 
 
 def cmd_bench_model(args) -> int:
-    from openllm_edu.bench import PRECISIONS, bench_model, format_model_bench
+    from openllm_edu.bench import bench_model, bench_variants, format_model_bench
 
-    precisions = [p for p in PRECISIONS if not (args.no_compile and "compile" in p)]
+    precisions = bench_variants(compile=not args.no_compile)
     print(format_model_bench(bench_model(preset=args.preset, block_size=args.block, batch_size=args.batch,
                                          precisions=precisions)))
     return 0
 
 
 def cmd_bench_train(args) -> int:
-    from openllm_edu.bench import PRECISIONS, bench_train, format_train_bench
+    from openllm_edu.bench import bench_train, bench_variants, format_train_bench
 
     if args.steps < 1:
         raise CourseError(f"--steps {args.steps}: time at least 1 step of each kind (20 give steady numbers).")
-    precisions = [p for p in PRECISIONS if not (args.no_compile and "compile" in p)]
+    precisions = bench_variants(compile=not args.no_compile)
     print(format_train_bench(bench_train(preset=args.preset, block_size=args.block, batch_size=args.batch,
                                          precisions=precisions, steps=args.steps)))
     return 0
@@ -498,7 +498,7 @@ def cli_program(args: Sequence[str]) -> list[str]:
 
 
 def cmd_launch(args) -> int:
-    from openllm_edu.distributed import launch
+    from openllm_edu.multinode import launch_node as launch
 
     if not args.worker_args:
         raise CourseError("nothing to launch: add the command every process runs, e.g. "

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import errno
 import os
 import pickle
 import socket
@@ -28,11 +27,11 @@ from .model import GPT, GPTConfig
 from .trainer import bare_train_step  # chapter 07's plain step
 
 # %% auto #0
-__all__ = ['STRATEGIES', 'ALL_REDUCE_CHECK', 'DistributedContext', 'available_cores', 'threads_per_process', 'init_distributed',
-           'destroy_distributed', 'barrier', 'rank_seed', 'effective_batch_size', 'free_port', 'RankFailedError',
-           'run_processes', 'all_reduce_mean', 'average_gradients', 'wrap_model', 'no_gradient_sync',
-           'evaluate_lm_distributed', 'parse_endpoint', 'torchrun_command', 'launch', 'all_reduce_check',
-           'DataParallel', 'bench_data_parallel', 'format_data_parallel_bench']
+__all__ = ['STRATEGIES', 'ONE_NODE', 'ALL_REDUCE_CHECK', 'DistributedContext', 'available_cores', 'threads_per_process',
+           'init_distributed', 'destroy_distributed', 'barrier', 'rank_seed', 'effective_batch_size', 'free_port',
+           'RankFailedError', 'run_processes', 'all_reduce_mean', 'average_gradients', 'wrap_model', 'no_gradient_sync',
+           'evaluate_lm_distributed', 'check_count', 'torchrun_command', 'launch', 'all_reduce_check', 'DataParallel',
+           'bench_data_parallel', 'format_data_parallel_bench']
 
 # %% ../nbs/09_distributed.ipynb #101dfb61
 def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:
@@ -212,6 +211,7 @@ def _first_failure(out_dir: str, error: Exception) -> RankFailedError:
     return RankFailedError(f"rank {rank} raised {description}")
 
 
+# %% ../nbs/09_distributed.ipynb #f0a103cc
 def run_processes(fn: Callable, world_size: int = 2, args: tuple = (), timeout: float = 60.0,
                   threads: int | None = None) -> list:
     """Call `fn(context, *args)` in `world_size` forked processes joined into a gloo group on 127.0.0.1; return
@@ -324,85 +324,34 @@ def evaluate_lm_distributed(model: nn.Module, tokens, n_bytes: int, block_size: 
                         tokens=int(counted), bytes=used_bytes, nats=nats)
 
 # %% ../nbs/09_distributed.ipynb #8a038cf9
-def _check_count(flag: str, value) -> None:
+def check_count(flag: str, value) -> None:
+    "A count of processes or machines must be a whole number >= 1 (True is not a number here)."
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise CourseError(f"{flag} must be a whole number >= 1, got {value!r}.")
 
 
-def parse_endpoint(endpoint: str) -> tuple[str, int]:
-    "HOST and PORT of a rendezvous endpoint 'HOST:PORT'."
-    host, colon, port = endpoint.rpartition(":")
-    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise CourseError(f"--rdzv-endpoint {endpoint!r} must be HOST:PORT (e.g. node0:29500), HOST being the "
-                          "first node's address, the same on every node.")
-    return host.strip("[]"), int(port)
+ONE_NODE = ("--standalone",)  # torchrun's rendezvous for this machine alone: it picks a free port itself
 
 
-def torchrun_command(program: Sequence[str], nproc_per_node: int = 1, nnodes: int = 1, node_rank: int = 0,
-                     rdzv_endpoint: str | None = None, join_timeout: float = 600.0) -> list[str]:
+def torchrun_command(program: Sequence[str], nproc_per_node: int = 1,
+                     rendezvous: Sequence[str] = ONE_NODE) -> list[str]:
     """The `python -m torch.distributed.run ...` command that runs `program` (what follows `python`: a script
-    and its arguments, or `-c CODE ...`) in `nproc_per_node` processes on this node of an `nnodes` job."""
-    _check_count("--nproc-per-node", nproc_per_node)
-    _check_count("--nnodes", nnodes)
-    if isinstance(node_rank, bool) or not isinstance(node_rank, int) or not 0 <= node_rank < nnodes:
-        raise CourseError(f"--node-rank {node_rank!r} must be in [0, --nnodes {nnodes}): 0 on the node that "
-                          "hosts the rendezvous, 1, 2, ... on the others.")
-    if nnodes > 1 and not rdzv_endpoint:
-        raise CourseError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT: node 0's address and a free port, "
-                          "the same on every node.")
+    and its arguments, or `-c CODE ...`) in `nproc_per_node` processes. `rendezvous` is torchrun's flags for how
+    the nodes meet: this machine alone by default (several machines: chapter 09b's `rendezvous_flags`)."""
+    check_count("--nproc-per-node", nproc_per_node)
     if not program:
         raise CourseError("nothing to launch: say what each process runs, e.g. "
                           "`openllm-edu launch --nproc-per-node 2 train ...`.")
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}"]
-    if rdzv_endpoint:
-        parse_endpoint(rdzv_endpoint)
-        # static rendezvous: node 0 listens at the endpoint, node ranks are the ones given
-        command += [f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=static",
-                    f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-conf=timeout={max(1, round(join_timeout))}"]
-    else:
-        command.append("--standalone")
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}", *rendezvous]
     return command + ["--no-python", sys.executable, *program]
 
 # %% ../nbs/09_distributed.ipynb #5278e33c
-def _endpoint_error(endpoint: str, node_rank: int, wait_s: float) -> str | None:
-    host, port = parse_endpoint(endpoint)
-    try:
-        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except socket.gaierror:
-        return f"cannot resolve {host!r} (--rdzv-endpoint {endpoint}); give node 0's address or host name."
-    if node_rank == 0:  # node 0 must be able to listen there
-        with socket.socket(family, kind) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind(address)
-            except OSError as e:
-                if e.errno == errno.EADDRINUSE:
-                    return f"port {port} on {host} is already in use; choose another port in --rdzv-endpoint."
-                return (f"node 0 cannot listen on {endpoint} ({e.strerror}): run --node-rank 0 on the machine "
-                        f"{host} names, or give this machine's address.")
-        return None
-    deadline = time.monotonic() + wait_s
-    while True:  # the other nodes wait for node 0 to listen
-        try:
-            with socket.create_connection(address[:2], timeout=2):
-                return None
-        except OSError:
-            if time.monotonic() > deadline:
-                return (f"nothing answers at {endpoint} after {wait_s:g} s: start node 0 (--node-rank 0) on {host} "
-                        "first, and check the address, the port and the firewall.")
-            time.sleep(0.5)
-
-
-def launch(program: Sequence[str], nproc_per_node: int = 1, nnodes: int = 1, node_rank: int = 0,
-           rdzv_endpoint: str | None = None, *, join_timeout: float = 600.0, timeout: float | None = None,
-           capture_output: bool = False, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
+def launch(program: Sequence[str], nproc_per_node: int = 1, rendezvous: Sequence[str] = ONE_NODE, *,
+           timeout: float | None = None, capture_output: bool = False,
+           env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run `program` with torchrun (see `torchrun_command`) and wait for the job: its exit status is the
-    job's. `join_timeout` bounds the wait for the other nodes; `timeout` the whole job (None: no limit)."""
-    command = torchrun_command(program, nproc_per_node, nnodes, node_rank, rdzv_endpoint, join_timeout)
-    if rdzv_endpoint:
-        problem = _endpoint_error(rdzv_endpoint, node_rank, join_timeout)
-        if problem:
-            raise CourseError(problem)
+    job's. `timeout` bounds the whole job (None: no limit)."""
+    command = torchrun_command(program, nproc_per_node, rendezvous)
     environ = {**os.environ, **(env or {})}
     environ.setdefault("OMP_NUM_THREADS", str(threads_per_process(nproc_per_node)))
     pipe = subprocess.PIPE if capture_output else None

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from .attention import cpu_memory_trace, cuda_memory_trace  # chapter 04's profiler replay
-from .core import PRECISIONS, CourseError, autocast, check_precision  # chapter 00's precision names
+from .core import CourseError, autocast, check_precision  # chapter 00's precision check
 from .model import GPT, PRESETS, GPTConfig, estimate_num_params, unwrap_model
 
 # %% auto #0
@@ -183,7 +183,8 @@ def plot_memory(rows: list[dict], title: str = "") -> None:
         heights = [r[kind] / GiB for r in rows]
         ax.bar([r["preset"] for r in rows], heights, bottom=bottom, label=kind)
         bottom = [a + b for a, b in zip(bottom, heights)]
-    ax.set_ylabel("GiB"); ax.set_yscale("log"); ax.set_title(title); ax.legend(fontsize=8)
+    ax.set(ylabel="GiB", yscale="log", title=title)
+    ax.legend(fontsize=8)
     plt.show()
 
 # %% ../nbs/08_memory.ipynb #f28ebad2

@@ -23,17 +23,41 @@ from .tokenizer import Tokenizer, load_tokenizer
 
 # %% auto #0
 __all__ = ['NORMS', 'MLPS', 'POSITIONS', 'IGNORE_INDEX', 'PRESETS', 'CONFIG_FILE', 'WEIGHTS_FILE', 'TOKENIZER_DIR', 'MODEL_TYPE',
-           'GPTConfig', 'make_norm', 'MLP', 'swiglu', 'SwiGLUMLP', 'Block', 'GPT', 'param_breakdown',
-           'estimate_num_params', 'matmul_params', 'flops_per_token', 'unwrap_model', 'save_pretrained',
-           'load_pretrained']
+           'check_gpt_config', 'GPTConfig', 'make_norm', 'MLP', 'swiglu', 'SwiGLUMLP', 'Block', 'first_position', 'GPT',
+           'param_breakdown', 'estimate_num_params', 'matmul_params', 'flops_per_token', 'unwrap_model',
+           'save_pretrained', 'load_pretrained']
 
-# %% ../nbs/05_gpt.ipynb #91e73753
+# %% ../nbs/05_gpt.ipynb #2f3c824e
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
 POSITIONS = ("learned", "rope")
 IGNORE_INDEX = -100  # targets equal to this (padding) add nothing to the loss; F.cross_entropy's default
 
 
+def _check_whole(name: str, value, alternative: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CourseError(f"{name}={value!r} is impossible; give {name} a whole number >= 1 {alternative}".rstrip()
+                          + ".")
+
+
+def check_gpt_config(config) -> None:
+    "Raise a CourseError naming the field and the fix if `config` (a GPTConfig's fields) can't make a model."
+    for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        _check_whole(name, getattr(config, name))
+    for name in ("n_kv_head", "mlp_hidden"):
+        if getattr(config, name) is not None:
+            _check_whole(name, getattr(config, name), "or None")
+    for name, choices in (("norm", NORMS), ("mlp", MLPS), ("pos", POSITIONS)):
+        if getattr(config, name) not in choices:
+            raise CourseError(f"{name}={getattr(config, name)!r} is not a choice; use one of {', '.join(choices)}.")
+    if not 0 <= config.dropout < 1:
+        raise CourseError(f"dropout={config.dropout!r} must be in [0, 1); 0.0 turns it off, 0.1 is common.")
+    if not (config.norm_eps > 0 and config.rope_base > 0):
+        raise CourseError(f"norm_eps={config.norm_eps!r} and rope_base={config.rope_base!r} must be positive; "
+                          f"the usual values are 1e-5 and 10000.0.")
+    check_attention_config(config.n_embd, config.n_head, config.n_kv_head, config.window, rope=config.pos == "rope")
+
+# %% ../nbs/05_gpt.ipynb #d3a3a1c1
 @dataclass
 class GPTConfig:
     "Everything that decides a GPT's shape and recipe. The defaults are the `small` preset."
@@ -77,20 +101,7 @@ class GPTConfig:
 
     def validate(self) -> GPTConfig:
         "Raise a CourseError naming the field and the fix if this config can't make a model."
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            _check_whole(name, getattr(self, name))
-        for name in ("n_kv_head", "mlp_hidden"):
-            if getattr(self, name) is not None:
-                _check_whole(name, getattr(self, name), "or None")
-        for name, choices in (("norm", NORMS), ("mlp", MLPS), ("pos", POSITIONS)):
-            if getattr(self, name) not in choices:
-                raise CourseError(f"{name}={getattr(self, name)!r} is not a choice; use one of {', '.join(choices)}.")
-        if not 0 <= self.dropout < 1:
-            raise CourseError(f"dropout={self.dropout!r} must be in [0, 1); 0.0 turns it off, 0.1 is common.")
-        if not (self.norm_eps > 0 and self.rope_base > 0):
-            raise CourseError(f"norm_eps={self.norm_eps!r} and rope_base={self.rope_base!r} must be positive; "
-                              f"the usual values are 1e-5 and 10000.0.")
-        check_attention_config(self.n_embd, self.n_head, self.n_kv_head, self.window, rope=self.pos == "rope")
+        check_gpt_config(self)
         return self
 
     @classmethod
@@ -110,12 +121,6 @@ class GPTConfig:
         if unknown:
             raise CourseError(f"unknown GPTConfig field(s) {', '.join(unknown)}; the fields are {', '.join(fields)}.")
         return cls(**values)
-
-
-def _check_whole(name: str, value, alternative: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise CourseError(f"{name}={value!r} is impossible; give {name} a whole number >= 1 {alternative}".rstrip()
-                          + ".")
 
 # %% ../nbs/05_gpt.ipynb #a2d951f6
 PRESETS: dict[str, dict] = {
@@ -184,7 +189,28 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), kv_cache, layer, start_pos)
         return x + self.mlp(self.ln_2(x))
 
-# %% ../nbs/05_gpt.ipynb #c57b140f
+# %% ../nbs/05_gpt.ipynb #f2dcf123
+def first_position(config: GPTConfig, t: int, kv_cache: KVCache | None = None, start_pos: int | None = None) -> int:
+    """The position of the first of `t` input tokens: after the cached ones with a KV cache, else `start_pos`
+    (default 0). Refused with the fix when the input would run past what the model can attend to."""
+    if kv_cache is not None:
+        if start_pos is not None and start_pos != kv_cache.length:
+            raise CourseError(f"start_pos={start_pos} but the KV cache holds {kv_cache.length} tokens; "
+                              f"leave start_pos out (or pass kv_cache.length) when using a cache.")
+        start_pos = kv_cache.length
+    start_pos = start_pos or 0
+    end, block_size = start_pos + t, config.block_size
+    if end > block_size and config.pos == "learned":
+        raise CourseError(f"the input reaches position {end} but block_size={block_size}: learned position "
+                          f"embeddings exist only for the first {block_size} positions. Crop the input to its "
+                          f"last {block_size - start_pos} tokens, or use a model with a larger block_size.")
+    if end > block_size and config.window is None:
+        raise CourseError(f"the input reaches position {end} but block_size={block_size} and there is no "
+                          f"sliding window. Crop the input to its last {block_size - start_pos} tokens, or set "
+                          f"window (e.g. window={block_size}) so attention looks back at most that far.")
+    return start_pos
+
+# %% ../nbs/05_gpt.ipynb #a9f4e2fa
 class GPT(nn.Module):
     "A decoder-only transformer language model: embeddings → blocks → norm → output head."
     def __init__(self, config: GPTConfig):
@@ -216,7 +242,7 @@ class GPT(nn.Module):
         """idx (B, T) token ids -> (logits (B, T, vocab), loss or None). With `kv_cache`, idx holds only the new
         tokens, placed after the cached ones (start_pos, if given, must equal kv_cache.length); the cache is
         advanced by T at the end."""
-        start_pos = self._check_positions(idx.shape[1], kv_cache, start_pos)
+        start_pos = first_position(self.config, idx.shape[1], kv_cache, start_pos)
         x = self.wte(idx)
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(start_pos, start_pos + idx.shape[1], device=idx.device))
@@ -234,24 +260,6 @@ class GPT(nn.Module):
             return logits, None
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
         return logits, loss
-
-    def _check_positions(self, t: int, kv_cache: KVCache | None, start_pos: int | None) -> int:
-        if kv_cache is not None:
-            if start_pos is not None and start_pos != kv_cache.length:
-                raise CourseError(f"start_pos={start_pos} but the KV cache holds {kv_cache.length} tokens; "
-                                  f"leave start_pos out (or pass kv_cache.length) when using a cache.")
-            start_pos = kv_cache.length
-        start_pos = start_pos or 0
-        end, block_size = start_pos + t, self.config.block_size
-        if end > block_size and self.wpe is not None:
-            raise CourseError(f"the input reaches position {end} but block_size={block_size}: learned position "
-                              f"embeddings exist only for the first {block_size} positions. Crop the input to its "
-                              f"last {block_size - start_pos} tokens, or use a model with a larger block_size.")
-        if end > block_size and self.config.window is None:
-            raise CourseError(f"the input reaches position {end} but block_size={block_size} and there is no "
-                              f"sliding window. Crop the input to its last {block_size - start_pos} tokens, or set "
-                              f"window (e.g. window={block_size}) so attention looks back at most that far.")
-        return start_pos
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None,
                      device=None) -> KVCache:

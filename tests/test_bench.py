@@ -10,13 +10,37 @@ import pytest
 import torch
 
 from openllm_edu.bench import (
-    PRECISIONS, TRAINER_OVERHEAD_TARGET, Timing, bench_config, bench_generation, bench_model, bench_train,
-    bench_train_step, bench_trainer_step, build_trainer_step, fastest_matmuls, format_model_bench,
-    format_train_bench, kv_cache_speedup, matmul_flops, measure_matmul_peak, model_flops_utilization,
-    precision_dtype, precision_dtype_name, synthetic_train_data, time_calls, time_interleaved, time_matmul,
-    trainer_overhead, trainer_precision,
+    BENCH_VARIANTS,
+    TRAINER_OVERHEAD_TARGET,
+    Timing,
+    bench_config,
+    bench_generation,
+    bench_gpt,
+    bench_model,
+    bench_train,
+    bench_train_step,
+    bench_trainer_step,
+    bench_variants,
+    build_trainer_step,
+    fastest_matmuls,
+    format_model_bench,
+    format_train_bench,
+    kv_cache_speedup,
+    make_train_step,
+    matmul_flops,
+    measure_matmul_peak,
+    model_flops_utilization,
+    precision_dtype,
+    precision_dtype_name,
+    synthetic_train_data,
+    time_calls,
+    time_interleaved,
+    time_matmul,
+    trainer_overhead,
+    trainer_precision,
+    variant_settings,
 )
-from openllm_edu.core import CourseError
+from openllm_edu.core import PRECISIONS, CourseError
 from openllm_edu.model import GPTConfig, flops_per_token
 
 
@@ -72,9 +96,35 @@ def test_format_model_bench_by_hand():
     assert kv_cache_speedup(rows[:3]) is None and "KV cache:" not in format_model_bench(rows[:2])
 
 
+def test_variants_are_core_precisions_with_or_without_compiling():
+    settings = {variant: variant_settings(variant) for variant in BENCH_VARIANTS}
+    assert all(precision in PRECISIONS for precision, _ in settings.values())
+    # every training precision a bare step can run (fp16 needs a CUDA loss scaler), uncompiled, and bf16 compiled
+    assert sorted(p for p, compiles in settings.values() if not compiles) == sorted(set(PRECISIONS) - {"fp16"})
+    assert [p for p, compiles in settings.values() if compiles] == ["bf16"]
+    assert bench_variants() == BENCH_VARIANTS
+    assert bench_variants(compile=False) == tuple(v for v, (_, compiles) in settings.items() if not compiles)
+
+
+@pytest.mark.parametrize("variant", BENCH_VARIANTS)
+def test_each_variant_runs_the_bare_step_in_its_dtype_and_compiles_only_when_it_says_so(variant, monkeypatch):
+    "The step really runs its matmuls in the dtype whose peak its MFU is measured against."
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model, **options: compiled.append(model) or model)  # no minutes
+    model = bench_gpt("tiny", 16)
+    before = model.lm_head.weight.detach().clone()
+    head_dtypes = []
+    model.lm_head.register_forward_hook(lambda module, inputs, output: head_dtypes.append(output.dtype))
+    x, y = torch.randint(0, model.config.vocab_size, (2, 2, 16))
+    make_train_step(model, x, y, variant)()
+    assert head_dtypes == [precision_dtype(variant)]
+    assert head_dtypes[0] == {"fp32": torch.float32, "bf16": torch.bfloat16}[variant_settings(variant)[0]]
+    assert compiled == ([model] if variant.endswith("-compile") else [])
+    assert not torch.equal(before, model.lm_head.weight), "the step updated the weights"
+
+
 def test_precisions_and_their_dtypes():
-    assert PRECISIONS == ("fp32", "bf16", "bf16-compile")
-    assert [precision_dtype(p) for p in PRECISIONS] == [torch.float32, torch.bfloat16, torch.bfloat16]
+    assert [precision_dtype(p) for p in BENCH_VARIANTS] == [torch.float32, torch.bfloat16, torch.bfloat16]
     with pytest.raises(CourseError, match="precision='fp16'"):
         bench_train_step("tiny", 16, 1, precision="fp16", steps=1)
     with pytest.raises(CourseError, match="precision='int8'"):
@@ -149,13 +199,13 @@ def test_fastest_matmuls_keeps_the_best_of_the_run():
     unbeatable = {name: Timing("matmul 1x1", name, [1e-12], flops=1e6) for name in peaks}  # 1e9 GFLOP/s
     kept = fastest_matmuls((32,), best_so_far=unbeatable)
     assert all(kept[name] is unbeatable[name] for name in peaks)
-    assert [precision_dtype_name(p) for p in PRECISIONS] == ["fp32", "bf16", "bf16"]
+    assert [precision_dtype_name(p) for p in BENCH_VARIANTS] == ["fp32", "bf16", "bf16"]
 
 
 def test_trainer_precision_maps_compile_to_the_config():
-    assert [trainer_precision(p) for p in PRECISIONS] == [dict(precision="fp32", compile=False),
-                                                         dict(precision="bf16", compile=False),
-                                                         dict(precision="bf16", compile=True)]
+    assert [trainer_precision(p) for p in BENCH_VARIANTS] == [dict(precision="fp32", compile=False),
+                                                             dict(precision="bf16", compile=False),
+                                                             dict(precision="bf16", compile=True)]
     with pytest.raises(CourseError, match="precision='fp16'"):
         trainer_precision("fp16")
 

@@ -3,9 +3,17 @@ import pytest
 import torch
 
 from openllm_edu.core import CourseError
-from openllm_edu.memory import (GiB, MiB, MemoryBudgetExceeded, compare_estimate, estimate_memory,
-                                fit_micro_batch, largest_batch_that_fits, largest_preset_that_fits,
-                                optimizer_state_bytes)
+from openllm_edu.memory import (
+    GiB,
+    MemoryBudgetExceeded,
+    MiB,
+    compare_estimate,
+    estimate_memory,
+    fit_micro_batch,
+    largest_batch_that_fits,
+    largest_preset_that_fits,
+    optimizer_state_bytes,
+)
 from openllm_edu.model import GPTConfig
 
 
