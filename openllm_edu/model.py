@@ -18,7 +18,7 @@ from safetensors.torch import load_model, save_model
 from torch.utils.checkpoint import checkpoint
 
 from .attention import CausalSelfAttention, KVCache, check_attention_config
-from .core import CourseError, atomic_write_text
+from .core import CourseError, atomic_write_text, is_whole_number
 from .tokenizer import Tokenizer, load_tokenizer
 
 # %% auto #0
@@ -35,7 +35,7 @@ IGNORE_INDEX = -100  # targets equal to this (padding) add nothing to the loss; 
 
 
 def _check_whole(name: str, value, alternative: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_whole_number(value):
         raise CourseError(f"{name}={value!r} is impossible; give {name} a whole number >= 1 {alternative}".rstrip()
                           + ".")
 

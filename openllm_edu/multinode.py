@@ -9,7 +9,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 
-from .core import CourseError
+from .core import CourseError, is_whole_number
 from .distributed import ONE_NODE, check_count, launch, torchrun_command
 
 # %% auto #0
@@ -30,7 +30,7 @@ def rendezvous_flags(nnodes: int, node_rank: int, rdzv_endpoint: str | None,
     """torchrun's flags for node `node_rank` of an `nnodes` job meeting at `rdzv_endpoint` (node 0's HOST:PORT).
     `join_timeout` bounds the wait for the other nodes. One node with no endpoint meets nobody."""
     check_count("--nnodes", nnodes)
-    if isinstance(node_rank, bool) or not isinstance(node_rank, int) or not 0 <= node_rank < nnodes:
+    if not is_whole_number(node_rank, minimum=0) or node_rank >= nnodes:
         raise CourseError(f"--node-rank {node_rank!r} must be in [0, --nnodes {nnodes}): 0 on the node that "
                           "hosts the rendezvous, 1, 2, ... on the others.")
     if not rdzv_endpoint:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import regex
 
-from .core import CourseError, atomic_write_bytes
+from .core import CourseError, atomic_write_bytes, is_whole_number
 
 # %% auto #0
 __all__ = ['GPT2_SPLIT_PATTERN', 'GPT4_SPLIT_PATTERN', 'SPLIT_PATTERNS', 'TOKENIZER_FILE', 'EOS_TOKEN', 'TOKENIZER_KINDS',
@@ -100,7 +100,7 @@ def as_documents(texts: str | Iterable[str]) -> list[str]:
 
 def _check_bpe_vocab_size(vocab_size: int, specials: int = 0) -> None:
     minimum = 256 + specials
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < minimum:
+    if not is_whole_number(vocab_size, minimum):
         what = "256 byte ids" + (f" and {specials} special token{'s' * (specials > 1)}" if specials else "")
         raise CourseError(f"vocab_size={vocab_size!r} is impossible: byte-level BPE needs {what}, so at "
                           f"least {minimum}; use a larger vocabulary such as {max(512, minimum)}.")
@@ -284,7 +284,7 @@ class CharTokenizer(Tokenizer):
         counts = Counter(chain.from_iterable(as_documents(texts)))
         chars = sorted(counts)
         if vocab_size is not None:
-            if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 257:
+            if not is_whole_number(vocab_size, 257):
                 raise CourseError(f"vocab_size={vocab_size!r} is impossible: the character tokenizer needs 256 byte-"
                                   "fallback ids and 1 special token, so at least 257 (plus one per character); use "
                                   "a larger vocabulary or leave it out to keep every character.")
