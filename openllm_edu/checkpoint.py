@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .core import CourseError, atomic_open
+from .train_config import file_problem
 
 # %% auto #0
 __all__ = ['CHECKPOINT_FORMAT', 'rng_state', 'set_rng_state', 'upgrade_checkpoint', 'find_checkpoint', 'load_checkpoint',
@@ -80,7 +81,7 @@ def find_checkpoint(path: str | Path) -> Path:
         raise CourseError(f"no checkpoint (step_XXXXXXXX.pt) in {path}; point at a run folder that has saved "
                           "one, or start a fresh run.")
     if not path.is_file():
-        raise CourseError(f"checkpoint {path} not found; check the path or start a fresh run.")
+        raise CourseError(file_problem(path, "checkpoint") or f"checkpoint {path} is not a file; check the path.")
     return path
 
 

@@ -17,7 +17,7 @@ from .schedule import ScheduleConfig
 
 # %% auto #0
 __all__ = ['FLAT_KEYS', 'check_field_types', 'part_values', 'check_ranges', 'nest_config_values', 'merge_config_values',
-           'TrainConfig', 'read_config_values']
+           'TrainConfig', 'file_problem', 'read_config_values']
 
 # %% ../nbs/07_config.ipynb #6b710e1e
 _FIELD_KINDS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,)}
@@ -178,15 +178,15 @@ class TrainConfig:
         return cls.from_dict(read_config_values(path))
 
 # %% ../nbs/07_config.ipynb #3fc1ae5c
-def _unreadable(path: Path) -> str | None:
-    "Why `path` cannot be read as a config file, in one sentence; None when it can."
+def file_problem(path: Path, what: str = "file") -> str | None:
+    "Why `path` cannot be opened, in one sentence (missing, or a symbolic link loop); None when it can."
     try:
         os.stat(path)
     except OSError as e:
         if e.errno == errno.ELOOP:
-            return f"config file {path} is a symbolic link loop (its links lead back to themselves); point it at a file."
-        return f"config file {path} not found; check the path."
-    return None if path.is_file() else f"config file {path} is not a file; give the path of a JSON or YAML file."
+            return f"{what} {path} is a symbolic link loop (its links lead back to themselves); point it at a file."
+        return f"{what} {path} not found; check the path."
+    return None
 
 
 def _parse_error(path: Path, e: Exception) -> str:
@@ -202,7 +202,8 @@ def _parse_error(path: Path, e: Exception) -> str:
 def read_config_values(path: str | Path) -> dict:
     "The mapping of TrainConfig fields written in a JSON or YAML file, as given (no defaults filled in)."
     path = Path(path)
-    problem = _unreadable(path)
+    problem = file_problem(path, "config file") or (None if path.is_file() else f"{path} is not a file; give the "
+                                                    "path of a JSON or YAML file.")
     if problem:
         raise CourseError(problem)
     try:

@@ -1,8 +1,8 @@
 """The trainer of chapter 07: schedules, optimizers, accumulation, checkpoints and exact resume."""
 import json
-import re
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,11 +19,11 @@ from openllm_edu.fast_bpe import prepare_data
 from openllm_edu.loggers import JSONLinesLogger, read_metrics
 from openllm_edu.memory import oom_back_off
 from openllm_edu.model import GPT, GPTConfig
-from openllm_edu.tokenizer import make_tokenizer
 from openllm_edu.optim import Lion, OptimizerConfig, decay_groups, make_optimizer
 from openllm_edu.schedule import ScheduleConfig, constant, linear_decay, warmup_cosine, warmup_stable_decay
+from openllm_edu.tokenizer import make_tokenizer
 from openllm_edu.train_config import TrainConfig
-from openllm_edu.trainer import (NonFiniteLossError, SingleProcess, Trainer, accumulate_gradients, clip_gradients)
+from openllm_edu.trainer import NonFiniteLossError, SingleProcess, Trainer, accumulate_gradients, clip_gradients
 
 SMALL_MODEL = dict(n_layer=2, n_head=2, n_embd=32)
 
