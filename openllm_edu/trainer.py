@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .checkpoint import (CHECKPOINT_FORMAT, Checkpointer, lock_run_folder, remove_temporary_files, rng_state,
-                                    set_rng_state)
+from .checkpoint import CHECKPOINT_FORMAT, Checkpointer, lock_run_folder, rng_state, set_rng_state
+from .checkpoint import remove_temporary_files
 from .core import CourseError, autocast, resolve_device, resolve_precision
 from .data import BatchSampler, load_token_file, read_token_metadata
 from .loggers import JSONLinesLogger, LiveDashboard, TensorBoardLogger, WandbLogger
@@ -292,7 +292,8 @@ def state_dict(self: Trainer) -> dict:
                 model=plain.state_dict(), optimizer=self.optimizer.state_dict(),
                 scaler=self.scaler.state_dict() if self.scaler is not None else None,
                 sampler=self.sampler.state_dict(), schedule=self.schedule.to_dict(),
-                best_val_loss=self.best_val_loss, best_step=self.best_step, evals_without_improvement=self.evals_without_improvement,
+                best_val_loss=self.best_val_loss, best_step=self.best_step,
+                evals_without_improvement=self.evals_without_improvement,
                 skipped_steps=self.skipped_steps, micro_batch=self.micro_batch, rng=rng_state(),
                 world_size=self.strategy.world_size)
 
@@ -428,7 +429,8 @@ def open_run(self: Trainer) -> None:
     if not self.strategy.is_main:  # logs and files come from rank 0 only
         return
     self.run_lock = lock_run_folder(out)  # a second process on this folder is refused, not interleaved
-    for folder in (out, out / "model", out / "checkpoints"):
+    checkpoints = [self.checkpointer.directory] if self.checkpointer is not None else []
+    for folder in (out, out / "model", *checkpoints):
         remove_temporary_files(folder)  # what a killed run was writing; only the lock holder may delete it
     if self.resumed_step is not None and self.checkpointer is not None:
         self.checkpointer.restore_best(self.best_step)  # a kill may have come between step_N.pt and best.pt
