@@ -3,19 +3,22 @@
 # %% ../nbs/07_checkpoints.ipynb #fd8e6f06
 from __future__ import annotations
 
-import io
 import os
+import pickle
 import random
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .core import CourseError, atomic_write_bytes
+from .core import CourseError, atomic_open
+from .train_config import file_problem
 
 # %% auto #0
-__all__ = ['CHECKPOINT_FORMAT', 'rng_state', 'set_rng_state', 'Checkpointer', 'lock_run_folder']
+__all__ = ['CHECKPOINT_FORMAT', 'rng_state', 'set_rng_state', 'upgrade_checkpoint', 'find_checkpoint', 'load_checkpoint',
+           'remove_temporary_files', 'Checkpointer', 'lock_run_folder']
 
 # %% ../nbs/07_checkpoints.ipynb #2476dee2
 def rng_state() -> dict:
@@ -39,12 +42,74 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 # %% ../nbs/07_checkpoints.ipynb #7b45b032
-CHECKPOINT_FORMAT = "openllm_edu.checkpoint/1"
+CHECKPOINT_FORMAT = "openllm_edu.checkpoint/2"  # 2: the state records best_step, the step best.pt must hold
 _STEP_FILE = re.compile(r"step_(\d{8})\.pt")
+
+
+def upgrade_checkpoint(state: dict, path: Path) -> dict:
+    "A checkpoint's state in the current format: older versions are filled in, newer ones and strangers refused."
+    version = str(state.get("format", "")).removeprefix("openllm_edu.checkpoint/") if isinstance(state, dict) else ""
+    if not version.isdigit():
+        raise CourseError(f"{path} is not an openllm_edu training checkpoint; point at one written by the Trainer.")
+    if int(version) > int(CHECKPOINT_FORMAT.rsplit("/", 1)[1]):
+        raise CourseError(f"{path} was written by a newer openllm-edu (format {version}); "
+                          "`pip install -U openllm-edu` to read it.")
+    if int(version) == 1:  # version 1 did not record which step best.pt holds
+        state = {**state, "best_step": None}
+    return {**state, "format": CHECKPOINT_FORMAT}
+
+
+def _load_weights_only(path: Path, map_location) -> dict:
+    "torch.load that builds only tensors, numbers and containers: a stranger's file cannot run code here."
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # not a function or class to call: the file is damaged
+            raise
+        raise CourseError(f"{path} holds Python objects that loading would have to run code to build, so it was "
+                          "refused; use checkpoints written by the Trainer, from people you trust.") from None
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    "A checkpoint file from a file, a checkpoint folder or a run folder (its latest step)."
+    path = Path(path)
+    if path.is_dir():
+        for folder in (path, path / "checkpoints"):
+            steps = sorted(p for p in folder.glob("step_*.pt") if _STEP_FILE.fullmatch(p.name))
+            if steps:
+                return steps[-1]
+        raise CourseError(f"no checkpoint (step_XXXXXXXX.pt) in {path}; point at a run folder that has saved "
+                          "one, or start a fresh run.")
+    if not path.is_file():
+        raise CourseError(file_problem(path, "checkpoint") or f"checkpoint {path} is not a file; check the path.")
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    "The state saved in a checkpoint (see `find_checkpoint`), in the current format; damaged files raise CourseError."
+    path = find_checkpoint(path)
+    try:
+        state = _load_weights_only(path, map_location)
+    except CourseError:
+        raise
+    except Exception as e:
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]  # one line, whatever torch says
+        raise CourseError(f"checkpoint {path} is damaged ({reason}); resume from an earlier step_*.pt in the same "
+                          "folder, or start a fresh run.") from None
+    return upgrade_checkpoint(state, path)
+
+# %% ../nbs/07_checkpoints.ipynb #ef091173
+def remove_temporary_files(folder: Path) -> list[Path]:
+    "Delete the `.NAME.*.tmp` files a killed writer left in `folder` (call it only while holding the run's lock)."
+    stale = sorted(folder.glob(".*.tmp")) if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 class Checkpointer:
     "Saves training states as step_XXXXXXXX.pt files (plus best.pt) in one folder, atomically; keeps the last few."
+    find, load = staticmethod(find_checkpoint), staticmethod(load_checkpoint)
 
     def __init__(self, directory: str | Path, keep_last: int = 3):
         self.directory, self.keep_last = Path(directory), keep_last
@@ -59,43 +124,40 @@ class Checkpointer:
         found = self.checkpoints()
         return found[-1] if found else None
 
+    def step_file(self, step: int) -> Path:
+        return self.directory / f"step_{step:08d}.pt"
+
     def save(self, state: dict, step: int, best: bool = False) -> Path:
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        path = atomic_write_bytes(self.directory / f"step_{step:08d}.pt", buffer.getvalue())
+        "Write step_N.pt, then (when best) make best.pt the same file, then drop the oldest step files."
+        with atomic_open(self.step_file(step)) as f:
+            torch.save(state, f)
         if best:
-            atomic_write_bytes(self.directory / "best.pt", buffer.getvalue())
+            self.make_best(step)
         for old in self.checkpoints()[:-self.keep_last]:
             old.unlink()
-        return path
+        return self.step_file(step)
 
-    @staticmethod
-    def find(path: str | Path) -> Path:
-        "A checkpoint file from a file, a checkpoint folder or a run folder (its latest step)."
-        path = Path(path)
-        if path.is_dir():
-            for folder in (path, path / "checkpoints"):
-                latest = Checkpointer(folder).latest()
-                if latest is not None:
-                    return latest
-            raise CourseError(f"no checkpoint (step_XXXXXXXX.pt) in {path}; point at a run folder that has saved "
-                              "one, or start a fresh run.")
-        if not path.is_file():
-            raise CourseError(f"checkpoint {path} not found; check the path or start a fresh run.")
-        return path
-
-    @staticmethod
-    def load(path: str | Path, map_location="cpu") -> dict:
-        "The state saved in a checkpoint (see `find`); a missing or damaged one raises CourseError."
-        path = Checkpointer.find(path)
+    def make_best(self, step: int) -> None:
+        "best.pt becomes step `step`'s file: a second name for the same bytes (a copy where links are missing)."
+        source, best = self.step_file(step), self.directory / "best.pt"
+        link = self.directory / f".best.pt.{os.getpid()}.tmp"
+        link.unlink(missing_ok=True)
         try:
-            state = torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as e:
-            raise CourseError(f"checkpoint {path} is damaged ({type(e).__name__}: {str(e)[:200]}); resume from an "
-                              "earlier step_*.pt in the same folder, or start a fresh run.") from None
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise CourseError(f"{path} is not an openllm_edu training checkpoint; point at one written by the Trainer.")
-        return state
+            os.link(source, link)
+        except OSError:  # a file system without hard links
+            with open(source, "rb") as read, atomic_open(best) as write:
+                shutil.copyfileobj(read, write)
+            return
+        os.replace(link, best)  # one rename: best.pt is the old best or the new one, never a mix
+
+    def restore_best(self, best_step: int | None) -> None:
+        """After a crash: point best.pt at the step the resumed checkpoint names as best. A kill between writing
+        step_N.pt and renaming best.pt left the older best in place, but step_N.pt is still there (the latest)."""
+        if best_step is None or not self.step_file(best_step).is_file():
+            return  # a version-1 checkpoint, or best.pt was made before that step file was rotated away
+        best = self.directory / "best.pt"
+        if not (best.is_file() and os.path.samefile(self.step_file(best_step), best)):
+            self.make_best(best_step)
 
 # %% ../nbs/07_checkpoints.ipynb #f7dc4aea
 def lock_run_folder(out: Path):

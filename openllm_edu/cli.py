@@ -4,23 +4,20 @@
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
+import errno
 import sys
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-from .core import CourseError, atomic_write_text, environment_report, get_profile, load_settings
+from .core import CourseError, environment_report, get_profile, load_settings
+from .train_commands import add_train_commands, cmd_run, cmd_train, launch_failure
 
 # %% auto #0
-__all__ = ['PROFILE_TRAINING', 'CHAR_BASELINE', 'SAMPLE_PROMPTS', 'CLI_WORKER', 'HANDLERS', 'build_parser', 'cmd_doctor',
-           'cmd_tokenizer_train', 'cmd_data_prepare', 'cmd_bench_tokenizer', 'cmd_bench_model', 'cmd_bench_train',
-           'cmd_bench_distributed', 'cmd_generate', 'cmd_instructor_release', 'cmd_grade', 'Recipe', 'main_job_recipe',
-           'prepare_main_data', 'run_main_job', 'write_samples', 'best_evaluation', 'finish_run', 'train_main_job',
-           'cmd_train', 'cli_program', 'cmd_launch', 'cmd_run', 'main']
+__all__ = ['CLI_WORKER', 'HANDLERS', 'build_parser', 'cmd_doctor', 'cmd_tokenizer_train', 'cmd_data_prepare',
+           'cmd_bench_tokenizer', 'cmd_bench_model', 'cmd_bench_train', 'cmd_bench_distributed', 'cmd_generate',
+           'cmd_instructor_release', 'cmd_grade', 'cli_program', 'cmd_launch', 'main']
 
 # %% ../nbs/95_cli.ipynb #2a6ba9f3
 def _add_corpus(parser: argparse.ArgumentParser, flag: str, help_verb: str) -> None:
@@ -31,25 +28,8 @@ def _add_corpus(parser: argparse.ArgumentParser, flag: str, help_verb: str) -> N
     parser.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet files")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="openllm-edu", description="Build a GPT-style language model from scratch.")
-    parser.add_argument("--profile", help="run profile: ci, laptop or gpu (default: $OPENLLM_EDU_PROFILE or laptop)")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    commands.add_parser("doctor", help="check Python, packages, device and memory")
-
-    train = commands.add_parser("train", help="the main job: train a GPT on the default corpus (or --config's data)")
-    train.add_argument("--preset", help="char-baseline, or a model preset (tiny, small, ...); default: the profile's run")
-    train.add_argument("--max-steps", type=int, help="optimizer steps (default: the preset's)")
-    train.add_argument("--out", help="run folder (default: runs/<preset or profile>)")
-    train.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (run folder or checkpoint)")
-    train.add_argument("--precision", help="auto, fp32, bf16 or fp16 (fp16 needs CUDA)")
-    train.add_argument("--config", metavar="FILE", help="JSON or YAML file of TrainConfig fields")
-    train.add_argument("--seed", type=int)
-    train.add_argument("--compile", action="store_true", help="torch.compile the model")
-    train.add_argument("--memory-budget-mb", type=float, help="halve the micro-batch while the estimated peak is above this")
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
-
+def _add_launch(commands) -> None:
+    "`launch`: torchrun's flags, then the `train` command every process runs."
     launch = commands.add_parser(
         "launch", help="run `train` data-parallel in several processes with torchrun",
         usage="openllm-edu launch --nproc-per-node N [--nnodes M --node-rank R --rdzv-endpoint HOST:PORT] train ...")
@@ -64,9 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds to wait for the other nodes (default: 600)")
     launch.add_argument("worker_args", nargs=argparse.REMAINDER, metavar="train ...", help="train, then its flags")
 
-    run = commands.add_parser("run", help="only the data of the main job: tokenizer and token files")
-    run.add_argument("--out", default="runs/main", help="output folder (default: runs/main)")
 
+def _add_data_commands(commands) -> None:
+    "`data prepare` and `tokenizer train`."
     data = commands.add_parser("data", help="corpus preparation").add_subparsers(dest="action", required=True)
     prepare = data.add_parser("prepare", help="clean, split and tokenize a corpus into token files")
     _add_corpus(prepare, "--corpus", "what to prepare")
@@ -83,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="folder to write the tokenizer to")
     train.add_argument("--split-pattern", default="gpt4", help="bpe only: gpt2, gpt4, none, or a regex")
 
+# %% ../nbs/95_cli.ipynb #09088057
+def _add_bench_commands(commands) -> None:
+    "`bench tokenizer|model|train|distributed`."
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
     bench_tok = bench.add_parser("tokenizer", help="BPE training: incremental vs the naive reference")
     bench_tok.add_argument("--text-bytes", type=int, default=100_000)
@@ -111,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench_dist.add_argument("--batch", type=int, default=8, help="batch size of each process (default: 8)")
     bench_dist.add_argument("--steps", type=int, default=10, help="timed steps (default: 10)")
 
+
+def _add_generate(commands) -> None:
+    "`generate`: sample from a saved model."
     generate = commands.add_parser("generate", help="generate text from a saved model")
     generate.add_argument("--checkpoint", required=True, help="folder written by save_pretrained")
     generate.add_argument("--prompt", required=True)
@@ -122,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     generate.add_argument("--seed", type=int, default=None, help="same seed, same text")
 
+
+def _add_instructor_commands(commands) -> None:
+    "`instructor release` and `grade`."
     instructor = commands.add_parser("instructor", help="instructor tools").add_subparsers(dest="action", required=True)
     release = instructor.add_parser("release", help="generate exercises/ from solutions/")
     release.add_argument("--solutions", default=None, help="default: solutions/ beside settings.ini")
@@ -138,6 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
     grade.add_argument("--secret-file", default=None, help="instructor secret (default: $OPENLLM_EDU_GRADER_SECRET)")
     grade.add_argument("--private-tests", default=None, help="folder of private tests: <assignment>/<grade_id>.py")
     grade.add_argument("--solutions", default=None, help="default: solutions/ beside settings.ini")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="openllm-edu", description="Build a GPT-style language model from scratch.")
+    parser.add_argument("--profile", help="run profile: ci, laptop or gpu (default: $OPENLLM_EDU_PROFILE or laptop)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("doctor", help="check Python, packages, device and memory")
+    add_train_commands(commands)  # train and run (95b)
+    for add in (_add_launch, _add_data_commands, _add_bench_commands, _add_generate, _add_instructor_commands):
+        add(commands)
     return parser
 
 # %% ../nbs/95_cli.ipynb #4b5f58ea
@@ -227,7 +226,7 @@ def cmd_bench_distributed(args) -> int:
     print(format_data_parallel_bench(rows))
     return 0
 
-
+# %% ../nbs/95_cli.ipynb #9ab9e468
 def cmd_generate(args) -> int:
     from openllm_edu.generate import GenerationConfig, stream_text
     from openllm_edu.model import load_pretrained
@@ -235,7 +234,11 @@ def cmd_generate(args) -> int:
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                               stop_strings=tuple(args.stop), seed=args.seed)  # bad values fail before loading
-    model, tokenizer = load_pretrained(args.checkpoint)
+    checkpoint = Path(args.checkpoint)
+    if not (checkpoint / "model.safetensors").is_file() and (checkpoint / "model" / "model.safetensors").is_file():
+        raise CourseError(f"{checkpoint} is a run folder; its trained model is {checkpoint / 'model'}: "
+                          f"openllm-edu generate --checkpoint {checkpoint / 'model'} --prompt ...")
+    model, tokenizer = load_pretrained(checkpoint)
     if tokenizer is None:
         raise CourseError(f"{args.checkpoint} has no tokenizer/ folder; save the model with its tokenizer.")
     print(args.prompt, end="", flush=True)
@@ -283,218 +286,20 @@ def cmd_grade(args) -> int:
     print(report.to_json() if args.json else report)
     return 0
 
-# %% ../nbs/95_cli.ipynb #e5c2b778
-@dataclass
-class Recipe:
-    "What a main-job run trains: the tokenizer to build, and the TrainConfig values of the run."
-    tokenizer: str  # "char" | "bpe" | "sentencepiece"
-    vocab_size: int | None
-    train: dict
-
-
-# The schedule of the default run of each profile. The profile (settings.ini) gives the tokenizer, the block
-# and batch sizes and the model preset; "laptop" widens the tiny preset, which its time budget can afford.
-PROFILE_TRAINING = {
-    "ci": dict(max_steps=30, schedule=dict(max_lr=3e-3, min_lr=3e-4, warmup_steps=5), eval_every=10, eval_tokens=8_192),
-    "laptop": dict(max_steps=800, schedule=dict(max_lr=2e-3, min_lr=2e-4, warmup_steps=50), eval_every=100,
-                   optimizer=dict(betas=(0.9, 0.99)),
-                   model_overrides=dict(n_layer=4, n_head=4, n_embd=256, bias=False)),
-    "gpu": dict(max_steps=5_000, schedule=dict(max_lr=6e-4, min_lr=6e-5, warmup_steps=200), eval_every=250),
-}
-
-# nanoGPT's published CPU recipe for Shakespeare characters (4 layers, 4 heads, 128 wide, context 64, batch 12,
-# lr 1e-3, 2,000 iterations, dropout 0, fp32 on CPU) on this course's GPT: the bar the default run must clear.
-CHAR_BASELINE = Recipe("char", None, dict(
-    model="tiny", model_overrides=dict(n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False),
-    block_size=64, batch_size=12, max_steps=2_000, schedule=dict(max_lr=1e-3, min_lr=1e-4, warmup_steps=100),
-    optimizer=dict(betas=(0.9, 0.99), weight_decay=0.1), grad_clip=1.0, eval_every=250, precision="fp32"))
-
-
-def main_job_recipe(preset: str | None, profile) -> Recipe:
-    """The run `openllm-edu train --preset NAME` means: None is the profile's default run, "char-baseline" the
-    baseline above, and a model preset (tiny, small, ...) that model on the profile's data and schedule."""
-    if preset == "char-baseline":
-        return CHAR_BASELINE
-    from openllm_edu.model import PRESETS
-    if preset is not None and preset not in PRESETS:
-        raise CourseError(f"unknown preset {preset!r}; use char-baseline or a model preset: {', '.join(PRESETS)}.")
-    train = dict(model=profile.model_preset, block_size=profile.block_size, batch_size=profile.batch_size,
-                 **PROFILE_TRAINING.get(profile.name, PROFILE_TRAINING["laptop"]))
-    if preset is not None:
-        train.update(model=preset, model_overrides={})
-    return Recipe(profile.tokenizer, profile.vocab_size, train)
-
-# %% ../nbs/95_cli.ipynb #ff593f1e
-def prepare_main_data(out_dir: str | Path, tokenizer_kind: str, vocab_size: int | None, profile) -> dict:
-    """Default corpus -> tokenizer (trained on the training split only) -> token files in out_dir/tokenizer and
-    out_dir/data. Returns the report it prints."""
-    from openllm_edu.data import hash_split
-    from openllm_edu.fast_bpe import prepare_data, train_tokenizer
-    from openllm_edu.sources import load_corpus
-
-    out_dir, timings = Path(out_dir), {}
-    start = time.perf_counter()
-    documents, corpus_report = load_corpus("shakespeare", max_bytes=profile.corpus_max_bytes or None)
-    train_docs, _ = hash_split(documents, profile.val_fraction)  # the validation text stays unseen
-    timings["load corpus"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    tokenizer = train_tokenizer(tokenizer_kind, train_docs, vocab_size, out_dir=out_dir / "tokenizer")
-    timings["train tokenizer"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    data_report = prepare_data("shakespeare", out_dir / "tokenizer", out_dir / "data",
-                               val_fraction=profile.val_fraction, max_bytes=profile.corpus_max_bytes or None)
-    timings["tokenize + write"] = time.perf_counter() - start
-    return {"profile": profile.name, "out_dir": str(out_dir), "documents": corpus_report.documents,
-            "tokenizer": f"{tokenizer.kind}, vocab {tokenizer.vocab_size}", "data": str(data_report),
-            "seconds": timings}
-
-
-def run_main_job(profile_name: str | None = None, out_dir: str | Path = "runs/main") -> dict:
-    "The data half of the main job, sized by the profile: tokenizer and token files, no training."
-    profile = get_profile(profile_name)
-    return prepare_main_data(out_dir, profile.tokenizer, profile.vocab_size, profile)
-
-
-# %% ../nbs/95_cli.ipynb #7f32ed3b
-SAMPLE_PROMPTS = ("ROMEO:\n", "First Citizen:\n", "To be, or not")
-
-
-def _run_config(recipe: Recipe, out_dir: Path, config_file: str | None, overrides: dict):
-    "Recipe, then the config file's fields, then the command line's flags; data in out_dir/data unless given."
-    from openllm_edu.train_config import TrainConfig, merge_config_values, read_config_values
-    layers = [recipe.train, {"data_dir": str(out_dir / "data")}]
-    if config_file:
-        layers.append(read_config_values(config_file))
-    return TrainConfig.from_dict(merge_config_values(*layers, overrides, {"out_dir": str(out_dir)}))
-
-
-def _tokenizer_for(config: TrainConfig):
-    "The tokenizer saved beside the run's data folder (the main job puts it there), or None."
-    from openllm_edu.tokenizer import load_tokenizer
-    folder = Path(config.data_dir).parent / "tokenizer"
-    return load_tokenizer(folder) if folder.is_dir() else None
-
-
-def write_samples(model, tokenizer, path: Path, prompts=SAMPLE_PROMPTS, max_new_tokens: int = 200,
-                  seed: int = 0) -> str:
-    "A few seeded samples after each prompt, written to `path`."
-    from openllm_edu.generate import GenerationConfig, generate_text
-    def sample(i: int, prompt: str) -> str:
-        config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.8, top_k=50, seed=seed + i)
-        return f"--- {prompt!r}\n{prompt}{generate_text(model, tokenizer, prompt, config)}\n\n"
-
-    text = "".join(sample(i, prompt) for i, prompt in enumerate(prompts))
-    atomic_write_text(path, text)
-    return text
-
-
-def best_evaluation(rows: list[dict]) -> dict | None:
-    "The validation row with the lowest loss (the one the best checkpoint was saved at)."
-    val = [r for r in rows if "val/loss" in r]
-    return min(val, key=lambda r: r["val/loss"]) if val else None
-
-
-def finish_run(trainer) -> dict:
-    "After fit: the best checkpoint's weights saved as model/ for `generate`, loss curves, samples; a summary."
-    import matplotlib.pyplot as plt
-
-    from openllm_edu.checkpoint import Checkpointer
-    from openllm_edu.loggers import plot_training, read_metrics
-    from openllm_edu.model import unwrap_model
-    out = Path(trainer.config.out_dir)
-    best_path = out / "checkpoints" / "best.pt"
-    if best_path.is_file():  # the model to keep is the best by validation loss, not the last
-        unwrap_model(trainer.model).load_state_dict(Checkpointer.load(best_path)["model"])
-    tokenizer = _tokenizer_for(trainer.config)
-    trainer.save_pretrained(out / "model", tokenizer)
-    rows = read_metrics(out / "metrics.jsonl")
-    plt.close(plot_training(rows, out / "loss.png"))  # saved; no window to show it in
-    if tokenizer is not None:
-        write_samples(unwrap_model(trainer.model).eval(), tokenizer, out / "samples.txt")
-    best = best_evaluation(rows) or {}
-    speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
-    summary = {"out_dir": str(out), "steps": trainer.step, "best_step": best.get("step"),
-               "best_val_loss": best.get("val/loss"), "best_val_bits_per_byte": best.get("val/bits_per_byte"),
-               "precision": trainer.precision, "micro_batch": trainer.micro_batch,
-               "parameters": unwrap_model(trainer.model).num_params(),
-               "tokens_per_s": statistics.median(speeds) if speeds else None}
-    return summary
-
-# %% ../nbs/95_cli.ipynb #9791f72a
-def train_main_job(preset: str | None = None, profile_name: str | None = None, out_dir: str | Path | None = None,
-                   config_file: str | None = None, resume: str | Path | None = None, **overrides) -> dict:
-    """`openllm-edu train`: prepare data and tokenizer if missing, train, evaluate, checkpoint, and write
-    runs/<name>/ (model/, checkpoints/, metrics.jsonl, loss.png, samples.txt, summary.json). Under torchrun
-    every rank trains and rank 0 writes and returns the summary; the other ranks return None."""
-    from openllm_edu.checkpoint import Checkpointer
-    from openllm_edu.core import resolve_device, resolve_precision
-    from openllm_edu.distributed import DataParallel, destroy_distributed
-    from openllm_edu.memory import oom_back_off
-    from openllm_edu.trainer import Trainer, resume_config
-    profile = get_profile(profile_name)
-    start = time.perf_counter()
-    if resume is not None:
-        checkpoint = Checkpointer.find(resume)
-        state = Checkpointer.load(checkpoint)
-        config = resume_config(checkpoint, state, **overrides)
-    else:
-        recipe = main_job_recipe(preset, profile)
-        out = Path(out_dir or Path("runs") / (preset or profile.name))
-        config = _run_config(recipe, out, config_file, overrides)
-    resolve_precision(config.precision, resolve_device(config.device))  # refuse fp16 on CPU before any work
-    # the parts of later chapters: data parallelism when torchrun started this process, the out-of-memory back-off
-    strategy = DataParallel.from_env(device=config.device)
-    if resume is None:
-        missing = config.data_dir == str(out / "data") and not (out / "data" / "report.json").is_file()
-        if missing and strategy.is_main:  # the other ranks wait at the barrier for the files
-            print(f"preparing the default corpus and a {recipe.tokenizer} tokenizer in {out} ...", flush=True)
-            prepare_main_data(out, recipe.tokenizer, recipe.vocab_size, profile)
-        strategy.barrier()
-    trainer = Trainer.from_config(config, strategy=strategy, step_wrappers=[oom_back_off(config.memory_budget_mb)])
-    if resume is not None:
-        trainer.load_state_dict(state)
-    try:
-        trainer.fit()
-        if not trainer.strategy.is_main:
-            return None
-        summary = finish_run(trainer)
-        summary["seconds"] = time.perf_counter() - start
-        atomic_write_text(Path(summary["out_dir"]) / "summary.json", json.dumps(summary, indent=2) + "\n")
-        return summary
-    finally:
-        destroy_distributed()
-
 # %% ../nbs/95_cli.ipynb #e8671841
-def cmd_train(args) -> int:
-    if args.resume and (args.preset or args.config or args.out):
-        raise CourseError("--resume continues a run with its own config and folder; drop --preset, --config and "
-                          "--out (flags like --max-steps still apply).")
-    flags = dict(max_steps=args.max_steps, precision=args.precision, seed=args.seed,
-                 memory_budget_mb=args.memory_budget_mb, compile=args.compile or None,
-                 progress=False if args.no_progress else None)
-    overrides = {name: value for name, value in flags.items() if value is not None}
-    summary = train_main_job(args.preset, args.profile, args.out, args.config, args.resume, **overrides)
-    if summary is None:  # a rank other than 0: rank 0 reports
-        return 0
-    out = summary["out_dir"]
-    print(f"\nrun:      {out} ({summary['parameters']:,} parameters, {summary['precision']}, "
-          f"{summary['steps']} steps in {summary['seconds']:.0f} s)")
-    if summary["best_val_loss"] is not None:
-        print(f"best:     step {summary['best_step']}: validation loss {summary['best_val_loss']:.4f} nats/token, "
-              f"{summary['best_val_bits_per_byte']:.4f} bits/byte")
-    print(f"files:    {out}/model (openllm-edu generate --checkpoint {out}/model --prompt ...), checkpoints/, "
-          "metrics.jsonl, loss.png, samples.txt, summary.json")
-    return 0
-
-
 CLI_WORKER = "import sys; from openllm_edu.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
 def cli_program(args: Sequence[str]) -> list[str]:
     "What each torchrun worker runs for `openllm-edu ARGS`: the arguments after `python`, this module's `main`."
     return ["-c", CLI_WORKER, *args]
+
+
+def _launch_flags(args) -> list[str]:
+    flags = ["--nproc-per-node", str(args.nproc_per_node)]
+    if args.nnodes > 1:
+        flags += ["--nnodes", str(args.nnodes), "--node-rank", str(args.node_rank), "--rdzv-endpoint", args.rdzv_endpoint]
+    return flags
 
 
 def cmd_launch(args) -> int:
@@ -507,20 +312,12 @@ def cmd_launch(args) -> int:
         raise CourseError(f"launch runs `train` in every process, not {args.worker_args[0]!r}; put launch's own flags "
                           "first: `openllm-edu launch --nproc-per-node 2 train [train flags]`.")
     worker = (["--profile", args.profile] if args.profile else []) + args.worker_args
+    train_args = build_parser().parse_args(worker)  # a wrong train flag stops here, before any process starts
     job = launch(cli_program(worker), args.nproc_per_node, args.nnodes, args.node_rank, args.rdzv_endpoint,
                  join_timeout=args.join_timeout)
+    if job.returncode:  # torchrun's report was held back: one line instead
+        print(f"error: {launch_failure(job.stderr, job.returncode, train_args, _launch_flags(args))}", file=sys.stderr)
     return job.returncode
-
-
-def cmd_run(args) -> int:
-    report = run_main_job(args.profile, args.out)
-    print(f"profile: {report['profile']}    output: {report['out_dir']}\n")
-    print(report["data"], "\n")
-    for step, seconds in report["seconds"].items():
-        print(f"{step:18} {seconds:7.1f} s")
-    print(f"\nNext: openllm-edu train --config FILE with data_dir: {report['out_dir']}/data, or plain "
-          "openllm-edu train, which prepares its own.")
-    return 0
 
 # %% ../nbs/95_cli.ipynb #f2d2870f
 HANDLERS = {
@@ -550,6 +347,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as e:  # a path that is a file where a folder is needed, no permission, a full disk
         where = f": {e.filename}" if e.filename else ""
+        if e.errno == errno.ELOOP:
+            print(f"error: {e.filename} is a symbolic link loop (its links lead back to themselves); fix or remove "
+                  "the link.", file=sys.stderr)
+            return 2
         print(f"error: {e.strerror or e}{where}; check the path, its permissions and the free disk space.",
               file=sys.stderr)
         return 2

@@ -30,8 +30,8 @@ from .trainer import bare_train_step  # chapter 07's plain step
 __all__ = ['STRATEGIES', 'ONE_NODE', 'ALL_REDUCE_CHECK', 'DistributedContext', 'available_cores', 'threads_per_process',
            'init_distributed', 'destroy_distributed', 'barrier', 'rank_seed', 'effective_batch_size', 'free_port',
            'RankFailedError', 'run_processes', 'all_reduce_mean', 'average_gradients', 'wrap_model', 'no_gradient_sync',
-           'evaluate_lm_distributed', 'check_count', 'torchrun_command', 'launch', 'all_reduce_check', 'DataParallel',
-           'bench_data_parallel', 'format_data_parallel_bench']
+           'evaluate_lm_distributed', 'check_count', 'torchrun_command', 'torchrun_failure', 'describe_failure',
+           'launch', 'all_reduce_check', 'DataParallel', 'bench_data_parallel', 'format_data_parallel_bench']
 
 # %% ../nbs/09_distributed.ipynb #101dfb61
 def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:
@@ -345,32 +345,100 @@ def torchrun_command(program: Sequence[str], nproc_per_node: int = 1,
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}", *rendezvous]
     return command + ["--no-python", sys.executable, *program]
 
-# %% ../nbs/09_distributed.ipynb #5278e33c
-def launch(program: Sequence[str], nproc_per_node: int = 1, rendezvous: Sequence[str] = ONE_NODE, *,
-           timeout: float | None = None, capture_output: bool = False,
-           env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run `program` with torchrun (see `torchrun_command`) and wait for the job: its exit status is the
-    job's. `timeout` bounds the whole job (None: no limit)."""
-    command = torchrun_command(program, nproc_per_node, rendezvous)
-    environ = {**os.environ, **(env or {})}
-    environ.setdefault("OMP_NUM_THREADS", str(threads_per_process(nproc_per_node)))
-    pipe = subprocess.PIPE if capture_output else None
-    job = subprocess.Popen(command, env=environ, stdout=pipe, stderr=pipe, text=True)
+# %% ../nbs/09_distributed.ipynb #82943bab
+import re
+import signal
+import threading
+
+# torchrun's own log lines (glog style) and workers' uncaught tracebacks, which torch prefixes with [rankN]:
+_TORCHRUN_NOISE = re.compile(rb"^(\[rank\d+\]:|[IWEF]\d{4} \d\d:\d\d:\d\d)")
+_ROOT_CAUSE = re.compile(r"Root Cause.*?rank\s*:\s*(?P<rank>\d+).*?exitcode\s*:\s*(?P<code>-?\d+)", re.DOTALL)
+
+
+def torchrun_failure(report: str) -> tuple[int, int] | None:
+    "The (rank, exit code) torchrun's report names as the root cause of a failed job; a negative code is a signal."
+    found = _ROOT_CAUSE.search(report)
+    return (int(found["rank"]), int(found["code"])) if found else None
+
+
+def describe_failure(rank: int, code: int) -> str:
+    "`rank 1 was killed by SIGKILL (signal 9)` or `rank 0 exited with code 2`."
+    if code >= 0:
+        return f"rank {rank} exited with code {code}"
     try:
-        out, err = job.communicate(timeout=timeout)
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = "a signal"
+    return f"rank {rank} was killed by {name} (signal {-code})"
+
+# %% ../nbs/09_distributed.ipynb #f81b0f78
+def _relay_stderr(stream, sink, kept: list[bytes]) -> None:
+    """Copy the job's stderr to `sink` as it comes (progress bars end in \\r, so cut there too), holding back
+    torchrun's log and report and the workers' tracebacks; keep every piece in `kept`."""
+    pending, report = b"", False
+    for chunk in iter(lambda: stream.read1(65536), b""):
+        pieces = re.split(rb"(?<=[\r\n])", pending + chunk)
+        pending = pieces.pop()  # the unfinished line waits for its end
+        for piece in pieces:
+            kept.append(piece)
+            report = report or piece.startswith(b"Traceback")  # torchrun's own traceback: its report follows
+            if sink is not None and not report and not _TORCHRUN_NOISE.match(piece):
+                sink.write(piece)
+                sink.flush()
+    kept.append(pending)
+
+
+def _root_cause_traceback(kept: list[bytes], rank: int) -> bytes:
+    "The [rankN]: lines of the rank that failed first: its traceback, when it raised."
+    prefix = f"[rank{rank}]:".encode()
+    return b"".join(piece for piece in kept if piece.startswith(prefix))
+
+
+def _run_job(command: list[str], environ: dict, capture_output: bool, timeout: float | None):
+    "Run torchrun and wait; stderr is relayed (or captured) as above. On a failure, the failed rank's traceback."
+    job = subprocess.Popen(command, env=environ, stdout=subprocess.PIPE if capture_output else None,
+                           stderr=subprocess.PIPE)
+    sink, kept, out = None if capture_output else sys.stderr.buffer, [], []
+    readers = [threading.Thread(target=_relay_stderr, args=(job.stderr, sink, kept), daemon=True)]
+    if capture_output:
+        readers.append(threading.Thread(target=lambda: out.append(job.stdout.read()), daemon=True))
+    for reader in readers:
+        reader.start()
+    try:
+        job.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         job.terminate()  # torchrun stops its workers on SIGTERM
         try:
-            job.communicate(timeout=30)
+            job.wait(timeout=30)
         except subprocess.TimeoutExpired:
             job.kill()
-            job.communicate()
+            job.wait()
         raise CourseError(f"the job ran longer than timeout={timeout:g} s and was stopped; raise the timeout, "
                           "or look for a rank that waits on a collective the others never call.") from None
     except KeyboardInterrupt:  # Ctrl-C reached torchrun too; it stops the workers
         job.wait()
         raise
-    return subprocess.CompletedProcess(command, job.returncode, out, err)
+    for reader in readers:
+        reader.join(timeout=30)
+    err = b"".join(kept).decode("utf-8", errors="replace")
+    failure = torchrun_failure(err) if job.returncode else None
+    if sink is not None and failure and failure[1] > 0:  # it raised: its traceback is the one to read
+        sink.write(_root_cause_traceback(kept, failure[0]))
+        sink.flush()
+    stdout = b"".join(out).decode("utf-8", errors="replace") if capture_output else None
+    return subprocess.CompletedProcess(command, job.returncode, stdout, err)
+
+# %% ../nbs/09_distributed.ipynb #5278e33c
+def launch(program: Sequence[str], nproc_per_node: int = 1, rendezvous: Sequence[str] = ONE_NODE, *,
+           timeout: float | None = None, capture_output: bool = False,
+           env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `program` with torchrun (see `torchrun_command`) and wait for the job: its exit status is the
+    job's, its stderr all of torchrun's (`torchrun_failure` reads which rank failed and how). `timeout` bounds
+    the whole job (None: no limit)."""
+    command = torchrun_command(program, nproc_per_node, rendezvous)
+    environ = {**os.environ, **(env or {})}
+    environ.setdefault("OMP_NUM_THREADS", str(threads_per_process(nproc_per_node)))
+    return _run_job(command, environ, capture_output, timeout)
 
 
 def all_reduce_check() -> bool:

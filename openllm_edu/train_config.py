@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,7 +17,7 @@ from .schedule import ScheduleConfig
 
 # %% auto #0
 __all__ = ['FLAT_KEYS', 'check_field_types', 'part_values', 'check_ranges', 'nest_config_values', 'merge_config_values',
-           'TrainConfig', 'read_config_values']
+           'TrainConfig', 'file_problem', 'read_config_values']
 
 # %% ../nbs/07_config.ipynb #6b710e1e
 _FIELD_KINDS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,)}
@@ -176,12 +178,39 @@ class TrainConfig:
         return cls.from_dict(read_config_values(path))
 
 # %% ../nbs/07_config.ipynb #3fc1ae5c
+def file_problem(path: Path, what: str = "file") -> str | None:
+    "Why `path` cannot be opened, in one sentence (missing, or a symbolic link loop); None when it can."
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return f"{what} {path} is a symbolic link loop (its links lead back to themselves); point it at a file."
+        return f"{what} {path} not found; check the path."
+    return None
+
+
+def _parse_error(path: Path, e: Exception) -> str:
+    "A parser's complaint in one line, with the line and column where it has them."
+    mark = getattr(e, "problem_mark", None)  # PyYAML
+    if mark is not None:
+        return f"{path} could not be parsed: line {mark.line + 1}, column {mark.column + 1}: {e.problem}; fix the file."
+    if isinstance(e, json.JSONDecodeError):
+        return f"{path} could not be parsed: line {e.lineno}, column {e.colno}: {e.msg}; fix the file."
+    return f"{path} could not be parsed ({type(e).__name__}: {' '.join(str(e).split())}); fix the file."
+
+
 def read_config_values(path: str | Path) -> dict:
     "The mapping of TrainConfig fields written in a JSON or YAML file, as given (no defaults filled in)."
     path = Path(path)
-    if not path.is_file():
-        raise CourseError(f"config file {path} not found; check the path.")
-    text = path.read_text(encoding="utf-8")
+    problem = file_problem(path, "config file") or (None if path.is_file() else f"{path} is not a file; give the "
+                                                    "path of a JSON or YAML file.")
+    if problem:
+        raise CourseError(problem)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CourseError(f"{path} is not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x}); save it as "
+                          "UTF-8 and run again.") from None
     try:
         if path.suffix in (".yaml", ".yml"):
             try:
@@ -195,7 +224,7 @@ def read_config_values(path: str | Path) -> dict:
     except CourseError:
         raise
     except Exception as e:
-        raise CourseError(f"{path} could not be parsed ({type(e).__name__}: {e}); fix the file.") from None
+        raise CourseError(_parse_error(path, e)) from None
     if not isinstance(values, dict):
         raise CourseError(f"{path} must hold a mapping of TrainConfig fields; fix the file.")
     return values

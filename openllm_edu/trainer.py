@@ -17,13 +17,14 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import CHECKPOINT_FORMAT, Checkpointer, lock_run_folder, rng_state, set_rng_state
+from .checkpoint import remove_temporary_files
 from .core import CourseError, autocast, resolve_device, resolve_precision
 from .data import BatchSampler, load_token_file, read_token_metadata
 from .loggers import JSONLinesLogger, LiveDashboard, TensorBoardLogger, WandbLogger
 from .loggers import in_notebook, tensorboard_available
 from .metrics import LMEvaluation, evaluate_lm
 from .model import GPT, GPTConfig, flops_per_token, save_pretrained, unwrap_model
-from .optim import OptimizerConfig, make_optimizer
+from .optim import make_optimizer
 from .schedule import ScheduleConfig
 from .train_config import TrainConfig, merge_config_values
 
@@ -76,6 +77,15 @@ def clip_gradients(model: nn.Module, optimizer: torch.optim.Optimizer, max_norm:
     return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
 
 # %% ../nbs/07_training.ipynb #f07788b7
+def _validation_bytes(data_dir: Path, fix: str) -> int:
+    "The UTF-8 size of the validation text, from the report prepare_data wrote; CourseError if it is damaged."
+    try:
+        return int(json.loads((data_dir / "report.json").read_bytes())["splits"]["val"]["bytes"])
+    except (ValueError, KeyError, TypeError):  # not UTF-8, not JSON, or not the report's shape
+        raise CourseError(f"{data_dir / 'report.json'} is damaged (not the report prepare_data writes); {fix} "
+                          "again.") from None
+
+
 @dataclass
 class TrainData:
     "The token files of a prepared data folder, and what evaluation needs to know about them."
@@ -88,16 +98,14 @@ class TrainData:
     @classmethod
     def load(cls, data_dir: str | Path) -> TrainData:
         data_dir = Path(data_dir)
-        fix = f"run `openllm-edu data prepare --out {data_dir}` (or openllm_edu.data.prepare_data) first"
+        fix = f"run `openllm-edu data prepare --out {data_dir}` (or openllm_edu.fast_bpe.prepare_data)"
         if not (data_dir / "report.json").is_file():
-            raise CourseError(f"{data_dir} holds no prepared data (report.json is missing); {fix}.")
+            raise CourseError(f"{data_dir} holds no prepared data (report.json is missing); {fix} first.")
         meta = read_token_metadata(data_dir / "train")
-        report = json.loads((data_dir / "report.json").read_text(encoding="utf-8"))
         fingerprint = meta.get("tokenizer_fingerprint", "")
         return cls(train=load_token_file(data_dir / "train", fingerprint),
-                   val=load_token_file(data_dir / "val", fingerprint),
-                   val_bytes=int(report["splits"]["val"]["bytes"]), vocab_size=int(meta["vocab_size"]),
-                   tokenizer_fingerprint=fingerprint)
+                   val=load_token_file(data_dir / "val", fingerprint), val_bytes=_validation_bytes(data_dir, fix),
+                   vocab_size=int(meta["vocab_size"]), tokenizer_fingerprint=fingerprint)
 
     def check_fits(self, config: TrainConfig) -> None:
         "CourseError when the data cannot feed one step of `config`, or has nothing to evaluate on."
@@ -199,6 +207,7 @@ class Trainer:
             self.step_fn = wrap(self.step_fn)
         self.step, self.micro_batch = 0, config.batch_size  # micro_batch: smaller after an out-of-memory back-off
         self.best_val_loss, self.evals_without_improvement = math.inf, 0
+        self.best_step: int | None = None  # the step best.pt holds
         self.skipped_steps = 0  # fp16 steps the scaler skipped (inf/nan gradients)
         self.resumed_step: int | None = None
         self.run_lock = None
@@ -259,7 +268,7 @@ def evaluate_and_compare(self: Trainer) -> bool:
     result = self.evaluate()
     improved = result.loss < self.best_val_loss
     if improved:
-        self.best_val_loss, self.evals_without_improvement = result.loss, 0
+        self.best_val_loss, self.best_step, self.evals_without_improvement = result.loss, self.step, 0
     else:
         self.evals_without_improvement += 1
     self.log({"val/loss": result.loss, "val/perplexity": result.perplexity,
@@ -283,7 +292,8 @@ def state_dict(self: Trainer) -> dict:
                 model=plain.state_dict(), optimizer=self.optimizer.state_dict(),
                 scaler=self.scaler.state_dict() if self.scaler is not None else None,
                 sampler=self.sampler.state_dict(), schedule=self.schedule.to_dict(),
-                best_val_loss=self.best_val_loss, evals_without_improvement=self.evals_without_improvement,
+                best_val_loss=self.best_val_loss, best_step=self.best_step,
+                evals_without_improvement=self.evals_without_improvement,
                 skipped_steps=self.skipped_steps, micro_batch=self.micro_batch, rng=rng_state(),
                 world_size=self.strategy.world_size)
 
@@ -311,7 +321,7 @@ def load_state_dict(self: Trainer, state: dict) -> None:
     self.sampler.load_state_dict(state["sampler"])  # rank 0's stream; the other ranks derive theirs from it
     self.sampler.seed = self.strategy.seed_for(self.sampler.seed)
     self.step, self.best_val_loss = int(state["step"]), float(state["best_val_loss"])
-    self.evals_without_improvement = int(state["evals_without_improvement"])
+    self.evals_without_improvement, self.best_step = int(state["evals_without_improvement"]), state["best_step"]
     self.skipped_steps = int(state["skipped_steps"])
     self.micro_batch = int(state.get("micro_batch", self.config.batch_size))
     set_rng_state(state["rng"])  # rank 0's generators
@@ -419,6 +429,11 @@ def open_run(self: Trainer) -> None:
     if not self.strategy.is_main:  # logs and files come from rank 0 only
         return
     self.run_lock = lock_run_folder(out)  # a second process on this folder is refused, not interleaved
+    checkpoints = [self.checkpointer.directory] if self.checkpointer is not None else []
+    for folder in (out, out / "model", *checkpoints):
+        remove_temporary_files(folder)  # what a killed run was writing; only the lock holder may delete it
+    if self.resumed_step is not None and self.checkpointer is not None:
+        self.checkpointer.restore_best(self.best_step)  # a kill may have come between step_N.pt and best.pt
     self.config.save(out / "config.json")
     for logger in self.loggers:
         logger.start(self.resumed_step)

@@ -314,3 +314,142 @@ def test_bench_train_prints_the_trainer_against_the_bare_step():
     assert [row.split()[0] for row in rows] == ["train", "Trainer.train_step"] * 2
     assert "vs bare" in done.stdout and "target" in done.stdout
     assert_clean_error(openllm_edu("bench", "train", "--preset", "tiny", "--steps", 0), "--steps")
+
+
+# --- faults: damaged files, messages, a kill before best.pt, a rank that dies --------------------------------
+
+def run_copy(trained_run, tmp_path):
+    import shutil
+
+    out, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    return copy
+
+
+def test_unreadable_config_files_are_one_line(tmp_path):
+    (tmp_path / "latin1.json").write_bytes('{"max_steps": 3, "note": "caf\xe9"}'.encode("latin-1"))
+    assert_clean_error(openllm_edu("train", "--config", tmp_path / "latin1.json", "--out", tmp_path / "a"), "UTF-8")
+    (tmp_path / "broken.yaml").write_text("max_steps: 3\neval_every: [1, 2\n")
+    done = openllm_edu("train", "--config", tmp_path / "broken.yaml", "--out", tmp_path / "b")
+    assert_clean_error(done, "line 3, column 1")
+    assert len(done.stderr.strip().splitlines()) == 1
+    loop = tmp_path / "loop.yaml"
+    loop.symlink_to(loop)
+    assert_clean_error(openllm_edu("train", "--config", loop, "--out", tmp_path / "c"), "symbolic link loop")
+    out_loop = tmp_path / "out-loop"
+    out_loop.symlink_to(out_loop)
+    assert_clean_error(openllm_edu("train", "--out", out_loop, "--max-steps", 2), "symbolic link loop")
+
+
+def test_damaged_data_is_one_line_that_says_how_to_recover(trained_run, tmp_path):
+    import numpy as np
+
+    copy = run_copy(trained_run, tmp_path)
+    report = (copy / "data" / "report.json").read_bytes()
+    (copy / "data" / "report.json").write_bytes(b"\xff\xfe{ not a report")
+    assert_clean_error(openllm_edu("train", "--resume", copy, "--max-steps", 14), "report.json", "prepare")
+    (copy / "data" / "report.json").write_bytes(report)
+    meta = json.loads((copy / "data" / "train.json").read_text())
+    ids = np.memmap(copy / "data" / "train.bin", dtype=meta["dtype"], mode="r+")
+    ids[5] = meta["vocab_size"]  # one id past the vocabulary
+    ids.flush()
+    del ids
+    assert_clean_error(openllm_edu("train", "--resume", copy, "--max-steps", 14), "train.bin", "damaged",
+                       "data prepare")
+
+
+def test_generate_from_a_run_folder_points_at_its_model(trained_run):
+    out, _ = trained_run
+    assert_clean_error(openllm_edu("generate", "--checkpoint", out, "--prompt", "x"), f"{out / 'model'}")
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (print, ("a stranger's checkpoint ran code",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(trained_run, tmp_path):
+    import torch
+
+    copy = run_copy(trained_run, tmp_path)
+    latest = sorted((copy / "checkpoints").glob("step_*.pt"))[-1]
+    state = torch.load(latest, weights_only=True)
+    torch.save({**state, "payload": RunsCode()}, copy / "checkpoints" / "step_00000013.pt")
+    done = openllm_edu("train", "--resume", copy, "--max-steps", 14)
+    assert_clean_error(done, "run code")
+    assert "ran code" not in done.stdout + done.stderr
+
+
+KILL_BEFORE_LAST_BEST = """
+import os, signal, sys
+rename = os.replace
+def replace_or_die(source, target):
+    target = str(target)
+    if target.endswith("best.pt") and os.path.exists(os.path.join(os.path.dirname(target), "step_00000012.pt")):
+        os.kill(os.getpid(), signal.SIGKILL)  # step_00000012.pt is written, best.pt still names the older best
+    return rename(source, target)
+os.replace = replace_or_die
+from openllm_edu.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_kill_before_best_pt_still_leaves_the_best_model(trained_run, tmp_path):
+    "A kill between step_N.pt and best.pt, then --resume: model/ holds the step summary.json names as best."
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    out, _ = trained_run
+    run = tmp_path / "run"
+    for prepared in ("data", "tokenizer"):  # skip preparing the corpus again
+        shutil.copytree(out / prepared, run / prepared)
+    environment = {**os.environ, "OPENLLM_EDU_PROFILE": "ci"}
+    done = subprocess.run([sys.executable, "-c", KILL_BEFORE_LAST_BEST, "train", "--out", str(run), "--max-steps",
+                           "12", "--no-progress"], capture_output=True, text=True, env=environment, timeout=600)
+    assert done.returncode == -9, done.stderr
+    assert list((run / "checkpoints").glob(".*.tmp")) or (run / "checkpoints" / "best.pt").is_file()
+    done = openllm_edu("train", "--resume", run, "--no-progress")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    assert summary["best_step"] == best["step"] == 12
+    saved = load_file(run / "model" / "model.safetensors")
+    assert all(torch.equal(saved[name], best["model"][name]) for name in saved)
+    assert not list(run.rglob(".*.tmp"))
+
+
+SITE_KILLS_RANK_1 = """
+import os
+if os.environ.get("RANK") == "1":  # torchrun's second worker dies at its 16th all-reduce (after step 10's checkpoint)
+    import signal
+    import torch.distributed as dist
+    calls, all_reduce = [], dist.all_reduce
+    def all_reduce_then_die(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 16:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return all_reduce(*args, **kwargs)
+    dist.all_reduce = all_reduce_then_die
+"""
+
+
+def test_a_rank_killed_under_launch_is_one_line_with_the_resume_command(trained_run, tmp_path):
+    import shutil
+
+    out, _ = trained_run
+    run = tmp_path / "run"
+    for prepared in ("data", "tokenizer"):
+        shutil.copytree(out / prepared, run / prepared)
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(SITE_KILLS_RANK_1)
+    path = os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])
+    done = openllm_edu("launch", "--nproc-per-node", 2, "train", "--out", run, "--max-steps", 20, "--no-progress",
+                       "--precision", "fp32", env={"PYTHONPATH": path, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: rank 1 was killed by SIGKILL"), done.stderr
+    assert f"openllm-edu launch --nproc-per-node 2 train --resume {run}" in lines[0]

@@ -1,8 +1,8 @@
 """The trainer of chapter 07: schedules, optimizers, accumulation, checkpoints and exact resume."""
 import json
-import re
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,11 +19,11 @@ from openllm_edu.fast_bpe import prepare_data
 from openllm_edu.loggers import JSONLinesLogger, read_metrics
 from openllm_edu.memory import oom_back_off
 from openllm_edu.model import GPT, GPTConfig
-from openllm_edu.tokenizer import make_tokenizer
 from openllm_edu.optim import Lion, OptimizerConfig, decay_groups, make_optimizer
 from openllm_edu.schedule import ScheduleConfig, constant, linear_decay, warmup_cosine, warmup_stable_decay
+from openllm_edu.tokenizer import make_tokenizer
 from openllm_edu.train_config import TrainConfig
-from openllm_edu.trainer import (NonFiniteLossError, SingleProcess, Trainer, accumulate_gradients, clip_gradients)
+from openllm_edu.trainer import NonFiniteLossError, SingleProcess, Trainer, accumulate_gradients, clip_gradients
 
 SMALL_MODEL = dict(n_layer=2, n_head=2, n_embd=32)
 
@@ -528,3 +528,121 @@ def test_old_flat_configs_and_checkpoints_still_load(data_dir, tmp_path):
 def test_a_memory_budget_without_the_back_off_is_refused(data_dir, tmp_path):
     with pytest.raises(CourseError, match="oom_back_off"):
         Trainer.from_config(make_config(data_dir, tmp_path / "run", memory_budget_mb=100.0))
+
+
+# --- faults: a kill at any rename, stale temporary files, strangers' pickles -----------------------------------
+
+KILL_AT_RENAME = textwrap.dedent("""
+    import os, signal, sys, torch
+    from openllm_edu.train_config import TrainConfig
+    from openllm_edu.trainer import Trainer
+    config_path, kill_at, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    torch.set_num_threads(threads)
+    rename, renames = os.replace, []
+    def replace_or_die(source, target):
+        if os.path.basename(os.path.dirname(target)) == "checkpoints":
+            renames.append(target)
+            if len(renames) == kill_at:  # the temporary file is complete; its rename never happens
+                os.kill(os.getpid(), signal.SIGKILL)
+        return rename(source, target)
+    os.replace = replace_or_die
+    Trainer.from_config(TrainConfig.load(config_path)).fit()
+""")
+
+
+def test_a_kill_at_any_rename_leaves_the_same_best_model(data_dir, tmp_path, monkeypatch):
+    "A SIGKILL before each rename in checkpoints/, then a resume: best.pt and the model equal an unbroken run's."
+    config = make_config(data_dir, tmp_path / "straight", keep_last=1, eval_every=2, max_steps=8, lr=3e-2)
+    renames, rename = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda source, target: (renames.append(str(target)), rename(source, target))[1])
+    straight = Trainer.from_config(config)
+    straight.fit()
+    monkeypatch.undo()
+    best = Checkpointer.load(tmp_path / "straight" / "checkpoints" / "best.pt")
+    in_checkpoints = [t for t in renames if os.path.basename(os.path.dirname(t)) == "checkpoints"]
+    assert any(t.endswith("best.pt") for t in in_checkpoints)
+    (tmp_path / "child.py").write_text(KILL_AT_RENAME)
+    for kill_at in range(1, len(in_checkpoints) + 1):
+        out = tmp_path / f"killed-{kill_at}"
+        config.replace(out_dir=str(out)).save(tmp_path / "config.json")
+        done = subprocess.run([sys.executable, str(tmp_path / "child.py"), str(tmp_path / "config.json"), str(kill_at),
+                               str(torch.get_num_threads())], capture_output=True, text=True, timeout=300)
+        assert done.returncode == -signal.SIGKILL, done.stderr
+        assert list(out.rglob(".*.tmp")), "the kill leaves a temporary file behind"
+        if Checkpointer(out / "checkpoints").latest() is None:
+            resumed = Trainer.from_config(config.replace(out_dir=str(out)))
+        else:
+            resumed = Trainer.resume(out)
+        resumed.fit()
+        assert not list(out.rglob(".*.tmp")), f"kill {kill_at}: stale temporary files were not removed"
+        again = Checkpointer.load(out / "checkpoints" / "best.pt")
+        assert again["step"] == best["step"], f"kill {kill_at}: best.pt is step {again['step']}, not {best['step']}"
+        for name, weights in best["model"].items():
+            assert torch.equal(weights, again["model"][name]), (kill_at, name)
+        for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
+            assert torch.equal(a, b), kill_at
+
+
+class RunsCode:
+    "Unpickling this calls print: what a stranger's file could do with os.system instead."
+    def __reduce__(self):
+        return (print, ("a stranger's checkpoint ran code",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_in_one_line(tmp_path, capsys):
+    from openllm_edu.checkpoint import CHECKPOINT_FORMAT
+    torch.save({"format": CHECKPOINT_FORMAT, "step": 1, "model": {}, "payload": RunsCode()}, tmp_path / "step_00000001.pt")
+    with pytest.raises(CourseError, match="run code") as refused:
+        Checkpointer.load(tmp_path)
+    assert "\n" not in str(refused.value)
+    assert "ran code" not in capsys.readouterr().out
+
+
+def test_checkpoint_formats_older_load_newer_are_explained(data_dir, tmp_path):
+    from openllm_edu.checkpoint import CHECKPOINT_FORMAT
+    Trainer.from_config(make_config(data_dir, tmp_path / "run", max_steps=4)).fit()
+    checkpoint = Checkpointer.find(tmp_path / "run")
+    state = Checkpointer.load(checkpoint)
+    assert state["format"] == CHECKPOINT_FORMAT and state["best_step"] == 4
+    del state["best_step"]
+    torch.save({**state, "format": "openllm_edu.checkpoint/1"}, checkpoint)  # as the first version wrote it
+    upgraded = Checkpointer.load(checkpoint)
+    assert upgraded["format"] == CHECKPOINT_FORMAT and upgraded["best_step"] is None
+    resumed = Trainer.resume(tmp_path / "run", max_steps=6)
+    resumed.fit()
+    assert resumed.step == 6
+    torch.save({**state, "format": "openllm_edu.checkpoint/99"}, checkpoint)
+    with pytest.raises(CourseError, match="newer openllm-edu"):
+        Checkpointer.load(checkpoint)
+
+
+def test_garbage_report_json_is_one_line(data_dir, tmp_path):
+    import shutil
+    shutil.copytree(data_dir, tmp_path / "data")
+    (tmp_path / "data" / "report.json").write_bytes(b"\x00\xff not json")
+    with pytest.raises(CourseError, match="report.json") as refused:
+        Trainer.from_config(make_config(tmp_path / "data", tmp_path / "run"))
+    assert "\n" not in str(refused.value) and "prepare" in str(refused.value)
+    (tmp_path / "data" / "report.json").write_text('{"splits": {}}')
+    with pytest.raises(CourseError, match="report.json"):
+        Trainer.from_config(make_config(tmp_path / "data", tmp_path / "run"))
+
+
+def test_missing_data_names_the_module_that_prepares_it(tmp_path):
+    with pytest.raises(CourseError, match=r"openllm_edu\.fast_bpe\.prepare_data"):
+        Trainer.from_config(TrainConfig(data_dir=str(tmp_path), out_dir=str(tmp_path / "run")))
+
+
+def test_config_files_that_cannot_be_read_are_one_line(tmp_path):
+    (tmp_path / "latin1.yaml").write_bytes("max_steps: 5\n# caf\xe9\n".encode("latin-1"))
+    with pytest.raises(CourseError, match="UTF-8") as refused:
+        TrainConfig.load(tmp_path / "latin1.yaml")
+    assert "\n" not in str(refused.value)
+    (tmp_path / "broken.yaml").write_text("max_steps: 5\nschedule: {max_lr: 0.1\neval_every: 3\n")
+    with pytest.raises(CourseError, match=r"line \d+, column \d+") as refused:
+        TrainConfig.load(tmp_path / "broken.yaml")
+    assert "\n" not in str(refused.value)
+    loop = tmp_path / "loop.json"
+    loop.symlink_to(loop)
+    with pytest.raises(CourseError, match="symbolic link loop"):
+        TrainConfig.load(loop)
