@@ -25,7 +25,8 @@ __all__ = ['DTYPES', 'COMPILED', 'BENCH_VARIANTS', 'TRAINER_OVERHEAD_TARGET', 't
            'make_train_step', 'build_bare_step', 'time_training_steps', 'step_timing', 'bench_train_step',
            'bench_generation', 'fastest_matmuls', 'use_peaks', 'bench_model', 'kv_cache_speedup', 'timing_table',
            'format_model_bench', 'synthetic_train_data', 'trainer_precision', 'build_trainer_step',
-           'bench_trainer_step', 'bench_train', 'trainer_overhead', 'format_train_bench']
+           'bench_trainer_step', 'bench_train', 'trainer_overhead', 'format_train_bench', 'bench_data_parallel',
+           'format_data_parallel_bench']
 
 # %% ../nbs/96_benchmarks.ipynb #0f62f793
 def _check_repeats(repeats: int, warmup: int) -> None:
@@ -443,4 +444,56 @@ def format_train_bench(rows: Sequence[Timing]) -> str:
     lines = timing_table(rows, f"{'vs bare':>8} {'target':>8}", against_bare)
     lines.append(f"target: Trainer.train_step at most {TRAINER_OVERHEAD_TARGET:.0%} slower than the bare step "
                  "(train) of the same run")
+    return "\n".join(lines)
+
+# %% ../nbs/96_benchmarks.ipynb #beac5e15
+from .distributed import (DistributedContext, available_cores, barrier, effective_batch_size,
+                                      rank_seed, run_processes, threads_per_process, wrap_model)
+from .model import GPT, GPTConfig
+from .trainer import bare_train_step
+
+
+def _time_training(context: DistributedContext, preset: str, vocab_size: int, block_size: int, batch_size: int,
+                   steps: int, warmup: int) -> float:
+    torch.manual_seed(0)
+    config = GPTConfig.preset(preset, vocab_size=vocab_size, block_size=block_size)
+    model = wrap_model(GPT(config), context)
+    generator = torch.Generator().manual_seed(rank_seed(0, context.rank))
+    x = torch.randint(0, vocab_size, (batch_size, block_size), generator=generator)
+    step = bare_train_step(model, x, x)
+    for _ in range(warmup):
+        step()
+    barrier()  # every rank starts the clock together and stops it when the slowest is done
+    began = time.perf_counter()
+    for _ in range(steps):
+        step()
+    barrier()
+    return time.perf_counter() - began
+
+
+def bench_data_parallel(world_sizes: Sequence[int] = (1, 2), preset: str = "tiny", vocab_size: int = 4096,
+                        block_size: int = 256, batch_size: int = 8, steps: int = 10, warmup: int = 2,
+                        cores: int | None = None) -> list[dict]:
+    "Training tokens/s of 1, 2, ... data-parallel processes sharing this machine's CPU cores equally."
+    if steps < 1 or warmup < 0:
+        raise CourseError(f"steps={steps} must be >= 1 and warmup={warmup} >= 0.")
+    cores = cores or available_cores()
+    rows = []
+    for world_size in world_sizes:
+        threads = threads_per_process(world_size, cores)
+        seconds = max(run_processes(_time_training, world_size, threads=threads, timeout=600,
+                                    args=(preset, vocab_size, block_size, batch_size, steps, warmup)))
+        rows.append(dict(processes=world_size, threads_per_process=threads,
+                         effective_batch=effective_batch_size(batch_size, 1, world_size),
+                         step_ms=1000 * seconds / steps,
+                         tokens_per_s=world_size * batch_size * block_size * steps / seconds))
+    for row in rows:
+        row["speedup"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
+    return rows
+
+
+def format_data_parallel_bench(rows: list[dict]) -> str:
+    lines = ["processes  threads each  effective batch  step (ms)  tokens/s  speed-up"]
+    lines += [f"{r['processes']:9}  {r['threads_per_process']:12}  {r['effective_batch']:15}  {r['step_ms']:9.1f}  "
+              f"{r['tokens_per_s']:8,.0f}  {r['speedup']:7.2f}x" for r in rows]
     return "\n".join(lines)

@@ -217,7 +217,8 @@ def cmd_bench_train(args) -> int:
 
 
 def cmd_bench_distributed(args) -> int:
-    from openllm_edu.distributed import available_cores, bench_data_parallel, format_data_parallel_bench
+    from openllm_edu.bench import bench_data_parallel, format_data_parallel_bench
+    from openllm_edu.distributed import available_cores
 
     rows = bench_data_parallel(args.processes, preset=args.preset, block_size=args.block, batch_size=args.batch,
                                steps=args.steps)

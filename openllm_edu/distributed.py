@@ -23,15 +23,13 @@ import torch.nn as nn
 
 from .core import CourseError, is_whole_number, resolve_device
 from .metrics import LMEvaluation, as_token_tensor, bits_per_byte, evaluate_lm, perplexity
-from .model import GPT, GPTConfig
-from .trainer import bare_train_step  # chapter 07's plain step
 
 # %% auto #0
 __all__ = ['STRATEGIES', 'ONE_NODE', 'ALL_REDUCE_CHECK', 'DistributedContext', 'available_cores', 'threads_per_process',
            'init_distributed', 'destroy_distributed', 'barrier', 'rank_seed', 'effective_batch_size', 'free_port',
            'RankFailedError', 'run_processes', 'all_reduce_mean', 'average_gradients', 'wrap_model', 'no_gradient_sync',
            'evaluate_lm_distributed', 'check_count', 'torchrun_command', 'torchrun_failure', 'describe_failure',
-           'launch', 'all_reduce_check', 'DataParallel', 'bench_data_parallel', 'format_data_parallel_bench']
+           'launch', 'all_reduce_check', 'DataParallel']
 
 # %% ../nbs/09_distributed.ipynb #101dfb61
 def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:
@@ -495,49 +493,3 @@ class DataParallel:
 
     def seed_for(self, seed: int) -> int:
         return rank_seed(seed, self.rank)
-
-# %% ../nbs/09_distributed.ipynb #beac5e15
-def _time_training(context: DistributedContext, preset: str, vocab_size: int, block_size: int, batch_size: int,
-                   steps: int, warmup: int) -> float:
-    torch.manual_seed(0)
-    config = GPTConfig.preset(preset, vocab_size=vocab_size, block_size=block_size)
-    model = wrap_model(GPT(config), context)
-    generator = torch.Generator().manual_seed(rank_seed(0, context.rank))
-    x = torch.randint(0, vocab_size, (batch_size, block_size), generator=generator)
-    step = bare_train_step(model, x, x)
-    for _ in range(warmup):
-        step()
-    barrier()  # every rank starts the clock together and stops it when the slowest is done
-    began = time.perf_counter()
-    for _ in range(steps):
-        step()
-    barrier()
-    return time.perf_counter() - began
-
-
-def bench_data_parallel(world_sizes: Sequence[int] = (1, 2), preset: str = "tiny", vocab_size: int = 4096,
-                        block_size: int = 256, batch_size: int = 8, steps: int = 10, warmup: int = 2,
-                        cores: int | None = None) -> list[dict]:
-    "Training tokens/s of 1, 2, ... data-parallel processes sharing this machine's CPU cores equally."
-    if steps < 1 or warmup < 0:
-        raise CourseError(f"steps={steps} must be >= 1 and warmup={warmup} >= 0.")
-    cores = cores or available_cores()
-    rows = []
-    for world_size in world_sizes:
-        threads = threads_per_process(world_size, cores)
-        seconds = max(run_processes(_time_training, world_size, threads=threads, timeout=600,
-                                    args=(preset, vocab_size, block_size, batch_size, steps, warmup)))
-        rows.append(dict(processes=world_size, threads_per_process=threads,
-                         effective_batch=effective_batch_size(batch_size, 1, world_size),
-                         step_ms=1000 * seconds / steps,
-                         tokens_per_s=world_size * batch_size * block_size * steps / seconds))
-    for row in rows:
-        row["speedup"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
-    return rows
-
-
-def format_data_parallel_bench(rows: list[dict]) -> str:
-    lines = ["processes  threads each  effective batch  step (ms)  tokens/s  speed-up"]
-    lines += [f"{r['processes']:9}  {r['threads_per_process']:12}  {r['effective_batch']:15}  {r['step_ms']:9.1f}  "
-              f"{r['tokens_per_s']:8,.0f}  {r['speedup']:7.2f}x" for r in rows]
-    return "\n".join(lines)

@@ -348,7 +348,7 @@ def test_launch_bad_input_is_one_line(args, words):
 
 def test_bench_data_parallel_reports_each_world_size():
     "What the benchmark returns, not how fast: speed targets live in `openllm-edu bench distributed`."
-    from openllm_edu.distributed import bench_data_parallel, format_data_parallel_bench
+    from openllm_edu.bench import bench_data_parallel, format_data_parallel_bench
     rows = bench_data_parallel((1, 2), block_size=16, batch_size=2, steps=1, warmup=0, cores=1)
     assert [r["processes"] for r in rows] == [1, 2] and [r["effective_batch"] for r in rows] == [2, 4]
     assert rows[0]["speedup"] == 1 and all(r["tokens_per_s"] > 0 for r in rows)
