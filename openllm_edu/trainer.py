@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -359,6 +360,9 @@ def default_loggers(config: TrainConfig) -> list:
     loggers = [JSONLinesLogger(out / "metrics.jsonl")]
     if config.tensorboard and tensorboard_available():
         loggers.append(TensorBoardLogger(out / "tensorboard"))
+    elif config.tensorboard:
+        warnings.warn("the tensorboard package is not installed, so this run logs to metrics.jsonl only; "
+                      "`pip install 'openllm-edu[tensorboard]'` adds the TensorBoard logger.", stacklevel=2)
     if config.wandb:
         loggers.append(WandbLogger(config.to_dict(), out))
     if config.dashboard and in_notebook():
