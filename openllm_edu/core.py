@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import configparser
 import contextlib
+import dataclasses
 import errno
 import numbers
 import os
@@ -14,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['SETTINGS_ENV', 'PROFILE_ENV', 'PRECISIONS', 'CourseError', 'SettingsError', 'is_whole_number', 'atomic_open',
-           'atomic_write_bytes', 'atomic_write_text', 'find_settings_file', 'Profile', 'GraderLimits', 'Settings',
-           'load_settings', 'get_profile', 'CheckResult', 'check_python', 'check_dependencies', 'best_device',
-           'check_device', 'cpu_has_fast_bf16', 'check_bf16', 'check_threads', 'available_memory_bytes', 'check_memory',
-           'check_settings', 'environment_report', 'check_precision', 'resolve_device', 'resolve_precision', 'autocast',
-           'course_map']
+__all__ = ['SETTINGS_ENV', 'PROFILE_ENV', 'PRECISIONS', 'CourseError', 'SettingsError', 'is_whole_number', 'check_field_names',
+           'atomic_open', 'atomic_write_bytes', 'atomic_write_text', 'find_settings_file', 'Profile', 'GraderLimits',
+           'Settings', 'load_settings', 'get_profile', 'CheckResult', 'check_python', 'check_dependencies',
+           'best_device', 'check_device', 'cpu_has_fast_bf16', 'check_bf16', 'check_threads', 'available_memory_bytes',
+           'check_memory', 'check_settings', 'environment_report', 'check_precision', 'resolve_device',
+           'resolve_precision', 'autocast', 'course_map']
 
 # %% ../nbs/00_setup.ipynb #9571dba6
 class CourseError(Exception):
@@ -34,6 +35,15 @@ def is_whole_number(value, minimum: int = 1) -> bool:
     """A count, size or index of at least `minimum`: an int (NumPy's too). True and 2.0 are not whole numbers here,
     so a config value of `true` or `"4"` is caught where it is read, not three chapters later."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
+
+
+def check_field_names(cls, values, what: str | None = None) -> None:
+    "A CourseError listing the keys of `values` that are not fields of dataclass `cls`: a typo in a config file."
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise CourseError(f"unknown {what or cls.__name__} field(s) {', '.join(unknown)}; "
+                          f"the fields are {', '.join(names)}.")
 
 # %% ../nbs/00_setup.ipynb #39a1c60c
 def _current_umask() -> int:

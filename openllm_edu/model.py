@@ -18,7 +18,7 @@ from safetensors.torch import load_model, save_model
 from torch.utils.checkpoint import checkpoint
 
 from .attention import CausalSelfAttention, KVCache, check_attention_config
-from .core import CourseError, atomic_write_text, is_whole_number
+from .core import CourseError, atomic_write_text, check_field_names, is_whole_number
 from .tokenizer import Tokenizer, load_tokenizer
 
 # %% auto #0
@@ -116,10 +116,7 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> GPTConfig:
-        fields = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(values) - set(fields))
-        if unknown:
-            raise CourseError(f"unknown GPTConfig field(s) {', '.join(unknown)}; the fields are {', '.join(fields)}.")
+        check_field_names(cls, values)
         return cls(**values)
 
 # %% ../nbs/05_gpt.ipynb #a2d951f6

@@ -11,7 +11,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .core import PRECISIONS, CourseError, atomic_write_text
+from .core import CourseError, PRECISIONS, atomic_write_text, check_field_names
 from .optim import OptimizerConfig
 from .schedule import ScheduleConfig
 
@@ -49,10 +49,7 @@ def part_values(cls, value, name: str) -> dict:
     values = asdict(value) if isinstance(value, cls) else value
     if not isinstance(values, dict):
         raise CourseError(f"{name}={value!r} must be a mapping of {cls.__name__} fields.")
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(names))
-    if unknown:
-        raise CourseError(f"unknown {name} field(s) {', '.join(unknown)}; the fields are {', '.join(names)}.")
+    check_field_names(cls, values, name)
     check_field_types(cls, values, prefix=f"{name}.")
     return values
 
@@ -154,10 +151,7 @@ class TrainConfig:
     def from_dict(cls, values: dict) -> TrainConfig:
         "A config from a mapping of its fields; the flat keys of older configs are moved into their nested place."
         values = nest_config_values(values)
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(values) - set(names))
-        if unknown:
-            raise CourseError(f"unknown TrainConfig field(s) {', '.join(unknown)}; the fields are {', '.join(names)}.")
+        check_field_names(cls, values)
         return cls(**values)
 
     def replace(self, **overrides) -> TrainConfig:
