@@ -181,8 +181,8 @@ def _run_rank(index: int, fn: Callable, args: tuple, world_size: int, port: int,
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       OMP_NUM_THREADS=str(threads))
     torch.set_num_threads(threads)  # the thread pool came with the fork; resize it
-    context = init_distributed(DistributedContext.from_env(device="cpu"), timeout_s=60)
     try:
+        context = init_distributed(DistributedContext.from_env(device="cpu"), timeout_s=60)
         result = fn(context, *args)
     except BaseException as error:  # noted with the time, so the parent can tell the first failure from its echoes
         Path(out_dir, f"rank{index}.failed").write_bytes(pickle.dumps((time.time(), _describe(error))))
