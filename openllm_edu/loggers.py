@@ -9,10 +9,12 @@ import warnings
 from pathlib import Path
 
 from .core import CourseError, atomic_write_bytes, atomic_write_text
+from .train_config import TrainConfig
+
 
 # %% auto #0
 __all__ = ['read_metrics', 'JSONLinesLogger', 'TensorBoardLogger', 'WandbLogger', 'tensorboard_available', 'in_notebook',
-           'LiveDashboard', 'plot_training']
+           'LiveDashboard', 'plot_training', 'default_loggers']
 
 # %% ../nbs/07_logging.ipynb #616273f9
 def _metrics_row(line: str) -> dict | None:
@@ -178,3 +180,20 @@ def plot_training(rows: list[dict], path: str | Path | None = None):
         fig.savefig(buffer, format="png", dpi=120)
         atomic_write_bytes(path, buffer.getvalue())
     return fig
+
+# %% ../nbs/07_logging.ipynb #4f2ce327
+def default_loggers(config: TrainConfig) -> list:
+    "The metrics file always; TensorBoard (when installed), W&B and the notebook dashboard when the config asks."
+    out = Path(config.out_dir)
+    loggers = [JSONLinesLogger(out / "metrics.jsonl")]
+    if config.tensorboard and tensorboard_available():
+        loggers.append(TensorBoardLogger(out / "tensorboard"))
+    elif config.tensorboard:
+        warnings.warn("the tensorboard package is not installed, so this run logs to metrics.jsonl only; "
+                      "`pip install 'openllm-edu[tensorboard]'` adds the TensorBoard logger.", stacklevel=2)
+    if config.wandb:
+        loggers.append(WandbLogger(config.to_dict(), out))
+    if config.dashboard and in_notebook():
+        loggers.append(LiveDashboard())
+    return loggers
+

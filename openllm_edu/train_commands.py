@@ -194,7 +194,8 @@ def train_main_job(preset: str | None = None, profile_name: str | None = None, o
     from openllm_edu.core import resolve_device, resolve_precision
     from openllm_edu.distributed import DataParallel, destroy_distributed
     from openllm_edu.memory import oom_back_off
-    from openllm_edu.trainer import Trainer, resume_config
+    from openllm_edu.train_config import resume_config
+    from openllm_edu.trainer import Trainer
     profile = get_profile(profile_name)
     start = time.perf_counter()
     if resume is not None:

@@ -17,7 +17,7 @@ from .schedule import ScheduleConfig
 
 # %% auto #0
 __all__ = ['FLAT_KEYS', 'check_field_types', 'part_values', 'check_ranges', 'nest_config_values', 'merge_config_values',
-           'TrainConfig', 'file_problem', 'read_config_values']
+           'TrainConfig', 'file_problem', 'read_config_values', 'resume_config']
 
 # %% ../nbs/07_config.ipynb #6b710e1e
 _FIELD_KINDS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,)}
@@ -222,3 +222,21 @@ def read_config_values(path: str | Path) -> dict:
     if not isinstance(values, dict):
         raise CourseError(f"{path} must hold a mapping of TrainConfig fields; fix the file.")
     return values
+
+# %% ../nbs/07_config.ipynb #1d7ba815
+def _run_folder_now(checkpoint: Path, saved: dict) -> dict:
+    "out_dir, and data_dir when the data lived inside the run folder, moved to where `checkpoint` is now."
+    if checkpoint.parent.name != "checkpoints":  # a checkpoint file taken out of its run folder
+        return {}
+    run_dir = checkpoint.parent.parent
+    moved = {"out_dir": str(run_dir)}
+    if Path(saved["data_dir"]) == Path(saved["out_dir"]) / "data":
+        moved["data_dir"] = str(run_dir / "data")
+    return moved
+
+
+def resume_config(checkpoint: Path, state: dict, **overrides) -> TrainConfig:
+    "The checkpoint's own config (flat older ones too), in the run folder where it is now, with `overrides`."
+    return TrainConfig.from_dict(merge_config_values(state["config"], _run_folder_now(checkpoint, state["config"]),
+                                                     overrides))
+

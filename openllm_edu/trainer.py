@@ -7,7 +7,6 @@ import contextlib
 import json
 import math
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,17 +20,16 @@ from .checkpoint import CHECKPOINT_FORMAT, Checkpointer, lock_run_folder, rng_st
 from .checkpoint import remove_temporary_files
 from .core import CourseError, autocast, resolve_device, resolve_precision
 from .data import BatchSampler, load_token_file, read_token_metadata
-from .loggers import JSONLinesLogger, LiveDashboard, TensorBoardLogger, WandbLogger
-from .loggers import in_notebook, tensorboard_available
+from .loggers import default_loggers
 from .metrics import LMEvaluation, evaluate_lm
 from .model import GPT, GPTConfig, flops_per_token, save_pretrained, unwrap_model
 from .optim import make_optimizer
 from .schedule import ScheduleConfig
-from .train_config import TrainConfig, merge_config_values
+from .train_config import TrainConfig, resume_config
 
 # %% auto #0
 __all__ = ['bare_train_step', 'accumulate_gradients', 'clip_gradients', 'TrainData', 'Strategy', 'SingleProcess',
-           'NonFiniteLossError', 'patch', 'backward_step', 'Trainer', 'build_model', 'default_loggers', 'resume_config']
+           'NonFiniteLossError', 'patch', 'backward_step', 'Trainer', 'build_model']
 
 # %% ../nbs/07_training.ipynb #6d795f23
 def bare_train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str = "fp32",
@@ -354,22 +352,6 @@ def build_model(config: TrainConfig, vocab_size: int) -> GPT:
                                                  **config.model_overrides}))
 
 
-def default_loggers(config: TrainConfig) -> list:
-    "The metrics file always; TensorBoard (when installed), W&B and the notebook dashboard when the config asks."
-    out = Path(config.out_dir)
-    loggers = [JSONLinesLogger(out / "metrics.jsonl")]
-    if config.tensorboard and tensorboard_available():
-        loggers.append(TensorBoardLogger(out / "tensorboard"))
-    elif config.tensorboard:
-        warnings.warn("the tensorboard package is not installed, so this run logs to metrics.jsonl only; "
-                      "`pip install 'openllm-edu[tensorboard]'` adds the TensorBoard logger.", stacklevel=2)
-    if config.wandb:
-        loggers.append(WandbLogger(config.to_dict(), out))
-    if config.dashboard and in_notebook():
-        loggers.append(LiveDashboard())
-    return loggers
-
-
 @patch
 def from_config(cls: type[Trainer], config: TrainConfig, *, model: nn.Module | None = None,
                 data: TrainData | None = None, strategy: Strategy | None = None, checkpointer: Checkpointer | None = None,
@@ -392,23 +374,6 @@ def from_config(cls: type[Trainer], config: TrainConfig, *, model: nn.Module | N
     return cls(model, optimizer, config.schedule, sampler, config=config, data=data, strategy=strategy,
                checkpointer=checkpointer, loggers=default_loggers(config) if loggers is None else loggers,
                callbacks=callbacks, step_wrappers=step_wrappers)
-
-
-def _run_folder_now(checkpoint: Path, saved: dict) -> dict:
-    "out_dir, and data_dir when the data lived inside the run folder, moved to where `checkpoint` is now."
-    if checkpoint.parent.name != "checkpoints":  # a checkpoint file taken out of its run folder
-        return {}
-    run_dir = checkpoint.parent.parent
-    moved = {"out_dir": str(run_dir)}
-    if Path(saved["data_dir"]) == Path(saved["out_dir"]) / "data":
-        moved["data_dir"] = str(run_dir / "data")
-    return moved
-
-
-def resume_config(checkpoint: Path, state: dict, **overrides) -> TrainConfig:
-    "The checkpoint's own config (flat older ones too), in the run folder where it is now, with `overrides`."
-    return TrainConfig.from_dict(merge_config_values(state["config"], _run_folder_now(checkpoint, state["config"]),
-                                                     overrides))
 
 
 @patch

@@ -650,13 +650,12 @@ def test_config_files_that_cannot_be_read_are_one_line(tmp_path):
 
 def test_without_tensorboard_the_run_says_so_and_logs_to_the_metrics_file(tmp_path, monkeypatch):
     "The tensorboard package is an extra: a plain install must still train, and say what it left out."
-    import openllm_edu.trainer as trainer_module
-    from openllm_edu.loggers import TensorBoardLogger
-    from openllm_edu.trainer import default_loggers
+    import openllm_edu.loggers as loggers_module
+    from openllm_edu.loggers import TensorBoardLogger, default_loggers
 
     config = TrainConfig(data_dir=str(tmp_path), out_dir=str(tmp_path / "run"), tensorboard=True)
     assert any(isinstance(logger, TensorBoardLogger) for logger in default_loggers(config))  # installed here
-    monkeypatch.setattr(trainer_module, "tensorboard_available", lambda: False)
+    monkeypatch.setattr(loggers_module, "tensorboard_available", lambda: False)
     with pytest.warns(UserWarning, match=r"tensorboard package is not installed.*openllm-edu\[tensorboard\]"):
         loggers = default_loggers(config)
     assert [type(logger) for logger in loggers] == [JSONLinesLogger]
