@@ -1,8 +1,8 @@
 """Chapter order is import order.
 
 A module may import only modules taught in earlier chapters (the order of settings.ini [chapters]); a later chapter
-plugs into an earlier one through a seam instead. Tools (notebooks 90 and up) may import anything, and nothing but
-another tool imports them. Imports inside functions count, and so do code strings run as programs
+plugs into an earlier one through a seam instead. Tools (notebooks 90 and up) come after every chapter, in the same
+order among themselves (the command line last), and no chapter imports a tool. Imports inside functions count, and so do code strings run as programs
 (`python -c "from openllm_edu.cli import main"`, `-m openllm_edu.cli`, `importlib.import_module("openllm_edu.x")`).
 There are no exceptions and no cycles.
 """
@@ -83,9 +83,7 @@ def order_violations(graph: dict[str, set[str]], owners: dict[str, str], order: 
         for target in sorted(imports):
             if target not in owners:
                 problems.append(f"{module} imports {target}, which no notebook exports")
-            elif is_tool(stem):
-                continue  # tools come last and may use everything
-            elif is_tool(owners[target]):
+            elif is_tool(owners[target]) and not is_tool(stem):
                 problems.append(f"{module} ({stem}) imports the tool {target} ({owners[target]})")
             elif order[owners[target]] >= order[stem]:
                 problems.append(f"{module} ({stem}) imports {target} ({owners[target]}), taught later or alongside")
@@ -136,20 +134,22 @@ def test_an_early_chapter_loads_without_later_ones(module, later):
 
 
 def test_the_checks_can_fail(tmp_path):
-    "A forward import hidden in a function, one in a code string, a tool import and a cycle are all caught."
+    "Forward imports hidden in a function, in a code string and between tools, a chapter importing a tool, a cycle."
     package = tmp_path / PACKAGE
     package.mkdir()
     modules = {
         "core": ("00_setup", "def late():\n    from .model import GPT\n"),
         "model": ("05_gpt", "CODE = 'import sys; from openllm_edu.cli import main'\nfrom . import core\n"),
-        "cli": ("95_cli", "import importlib\nimportlib.import_module('openllm_edu.model')\nKIND = 'openllm_edu.gpt'\n"),
+        "bench": ("96_benchmarks", "def run():\n    import openllm_edu.cli\n"),
+        "cli": ("98_cli", "import importlib\nimportlib.import_module('openllm_edu.model')\nKIND = 'openllm_edu.gpt'\n"),
     }
     for name, (stem, body) in modules.items():
         (package / f"{name}.py").write_text(f"# %% ../nbs/{stem}.ipynb 1\n{body}")
-    order = {"00_setup": 0, "05_gpt": 1, "95_cli": 2}
+    order = {"00_setup": 0, "05_gpt": 1, "96_benchmarks": 2, "98_cli": 3}
     graph = import_graph(package)
-    assert graph == {"core": {"model"}, "model": {"cli", "core"}, "cli": {"model"}}
+    assert graph == {"core": {"model"}, "model": {"cli", "core"}, "bench": {"cli"}, "cli": {"model"}}
     assert order_violations(graph, module_notebooks(package), order) == [
+        "bench (96_benchmarks) imports cli (98_cli), taught later or alongside",
         "core (00_setup) imports model (05_gpt), taught later or alongside",
-        "model (05_gpt) imports the tool cli (95_cli)"]
+        "model (05_gpt) imports the tool cli (98_cli)"]
     assert cycles(graph) == [["cli", "model", "cli"], ["core", "model", "core"]]
