@@ -53,3 +53,21 @@ def test_dev_installs_every_extra():
     dev = [r for r in importlib.metadata.requires("openllm-edu") if 'extra == "dev"' in r]
     included = [r.split("[")[1].split("]")[0] for r in dev if r.startswith("openllm-edu[")]
     assert extras and {extra for names in included for extra in names.split(",")} == extras
+
+
+def test_the_notebook_kernel_has_the_course_and_takes_the_profile_from_a_cell():
+    "README 'Open the course': the environment's own kernel imports openllm_edu, and `%env` in a cell sets the profile."
+    from jupyter_client.manager import start_new_kernel
+
+    manager, client = start_new_kernel(kernel_name="python3", env={**os.environ, "OPENLLM_EDU_PROFILE": "laptop"})
+    try:
+        outputs = []
+        code = ("%env OPENLLM_EDU_PROFILE=ci\n"
+                "import openllm_edu.core as core\nprint(core.__file__, core.get_profile().name)")
+        client.execute_interactive(code, timeout=60, output_hook=lambda msg: outputs.append(msg))
+        printed = "".join(m["content"].get("text", "") for m in outputs if m["msg_type"] == "stream")
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)
+    module, profile = printed.split()[-2:]
+    assert Path(module).resolve() == (ROOT / "openllm_edu" / "core.py").resolve() and profile == "ci", printed
