@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -22,7 +23,7 @@ from .core import CourseError, is_whole_number
 # %% auto #0
 __all__ = ['attention_loops', 'attention_weights', 'attention_naive', 'causal_attention', 'causal_mask', 'sliding_window_mask',
            'check_window', 'split_heads', 'merge_heads', 'repeat_kv', 'fused_causal_attention', 'quiet_stderr',
-           'cpu_memory_trace', 'AttentionCost', 'peak_bytes_cpu', 'cuda_memory_trace', 'peak_bytes', 'best_seconds',
+           'cpu_memory_trace', 'AttentionCost', 'peak_bytes_cpu', 'cuda_memory_trace', 'peak_bytes', 'median_seconds',
            'attention_cost', 'format_attention_cost', 'rope_frequencies', 'rope_cache', 'rotate', 'apply_rope',
            'RotaryEmbedding', 'check_attention_config', 'CausalSelfAttention', 'KVCache']
 
@@ -147,7 +148,7 @@ class AttentionCost:
     "Time and memory of one attention version at one sequence length."
     version: str  # "naive" | "sdpa"
     seq_len: int
-    seconds: float  # best forward time
+    seconds: float  # median forward time
     peak_bytes: int  # measured: peak bytes of tensors allocated inside the call
     score_bytes: int  # computed: one (B, H, T, T) fp32 score matrix
 
@@ -174,8 +175,8 @@ def peak_bytes(fn: Callable, *args, device: torch.device | str = "cpu") -> int:
     return cuda_memory_trace(lambda: fn(*args), device)[1]
 
 
-def best_seconds(fn: Callable, *args, repeats: int = 3, device: torch.device | str = "cpu") -> float:
-    "Best wall time of fn(*args) over `repeats` runs, after one warm-up run."
+def median_seconds(fn: Callable, *args, repeats: int = 5, device: torch.device | str = "cpu") -> float:
+    "Median wall time of fn(*args) over `repeats` runs, after one warm-up run: one slow run (a busy machine) can't move it."
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda *a: None)
     fn(*args)
     times = []
@@ -185,7 +186,7 @@ def best_seconds(fn: Callable, *args, repeats: int = 3, device: torch.device | s
         fn(*args)
         sync(device)
         times.append(time.perf_counter() - start)
-    return min(times)
+    return statistics.median(times)
 
 
 def attention_cost(seq_lens: Sequence[int], batch_size: int = 1, n_head: int = 4, head_dim: int = 64,
@@ -197,7 +198,7 @@ def attention_cost(seq_lens: Sequence[int], batch_size: int = 1, n_head: int = 4
         score_bytes = batch_size * n_head * seq_len * seq_len * 4
         for version, fn in [("naive", causal_attention), ("sdpa", fused_causal_attention)]:
             with torch.no_grad():
-                seconds = best_seconds(fn, q, k, v, repeats=repeats, device=device)
+                seconds = median_seconds(fn, q, k, v, repeats=repeats, device=device)
                 rows.append(AttentionCost(version, seq_len, seconds, peak_bytes(fn, q, k, v, device=device),
                                           score_bytes))
     return rows
