@@ -51,8 +51,8 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 # %% ../nbs/06_generation.ipynb #02fcced7
 def apply_repetition_penalty(logits: torch.Tensor, previous_ids: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL's repetition penalty: logits (..., V) of every token id in previous_ids (..., T) are divided by
-    `penalty` where positive and multiplied by it otherwise."""
+    """The two-sided repetition penalty: logits (..., V) of every token id in previous_ids (..., T) are
+    divided by `penalty` where positive and multiplied by it otherwise."""
     if penalty == 1 or previous_ids.shape[-1] == 0:
         return logits
     seen = torch.gather(logits, -1, previous_ids)

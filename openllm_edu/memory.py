@@ -167,9 +167,9 @@ def memory_table(presets=tuple(PRESETS), batch_size: int = 8, seq_len: int | Non
 def format_memory_table(rows: list[dict]) -> str:
     "The table as text, sizes in GiB."
     kinds = ["parameters", "gradients", "optimizer", "activations", "logits", "peak"]
-    lines = [f"{'preset':8} {'params':>8} {'seq':>5} " + " ".join(f"{k:>11}" for k in kinds)]
+    lines = [f"{'preset':14} {'params':>8} {'seq':>5} " + " ".join(f"{k:>11}" for k in kinds)]
     for r in rows:
-        lines.append(f"{r['preset']:8} {r['params'] / 1e6:7.1f}M {r['seq_len']:5} "
+        lines.append(f"{r['preset']:14} {r['params'] / 1e6:7.1f}M {r['seq_len']:5} "
                      + " ".join(f"{r[k] / GiB:11.3f}" for k in kinds))
     return "\n".join(lines)
 

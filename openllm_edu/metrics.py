@@ -216,7 +216,9 @@ def _model_device(model) -> torch.device:
 def evaluate_lm(model, tokens, n_bytes: int, block_size: int = 256, batch_size: int = 8,
                 max_tokens: int | None = None, device: str | torch.device | None = None) -> LMEvaluation:
     """Score `model` on every next-token prediction of `tokens` (a 1-D array, token file or tensor) in
-    non-overlapping windows of `block_size`. `n_bytes`: UTF-8 bytes of the text all of `tokens` encode.
+    non-overlapping windows of `block_size`. The first tokens of each window see little context, so for a
+    model that uses context the loss is pessimistic (chapter 10 adds a strided evaluation).
+    `n_bytes`: UTF-8 bytes of the text all of `tokens` encode.
     `max_tokens` scores only the first that many predictions (bytes scaled accordingly)."""
     tokens = as_token_tensor(tokens)
     if len(tokens) < 2:

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,10 +23,10 @@ from .core import CourseError, atomic_write_text, check_field_names, is_whole_nu
 from .tokenizer import Tokenizer, load_tokenizer
 
 # %% auto #0
-__all__ = ['NORMS', 'MLPS', 'POSITIONS', 'IGNORE_INDEX', 'PRESETS', 'CONFIG_FILE', 'WEIGHTS_FILE', 'TOKENIZER_DIR', 'MODEL_TYPE',
-           'check_gpt_config', 'GPTConfig', 'make_norm', 'MLP', 'swiglu', 'SwiGLUMLP', 'Block', 'first_position', 'GPT',
-           'param_breakdown', 'estimate_num_params', 'matmul_params', 'flops_per_token', 'unwrap_model',
-           'save_pretrained', 'load_pretrained']
+__all__ = ['NORMS', 'MLPS', 'POSITIONS', 'IGNORE_INDEX', 'PRESETS', 'RENAMED_PRESETS', 'CONFIG_FILE', 'WEIGHTS_FILE',
+           'TOKENIZER_DIR', 'MODEL_TYPE', 'check_gpt_config', 'GPTConfig', 'current_preset_name', 'make_norm', 'MLP',
+           'swiglu', 'SwiGLUMLP', 'Block', 'first_position', 'GPT', 'param_breakdown', 'estimate_num_params',
+           'matmul_params', 'flops_per_token', 'unwrap_model', 'save_pretrained', 'load_pretrained']
 
 # %% ../nbs/05_gpt.ipynb #2f3c824e
 NORMS = ("layernorm", "rmsnorm")
@@ -107,6 +108,7 @@ class GPTConfig:
     @classmethod
     def preset(cls, name: str, **overrides) -> GPTConfig:
         "A named configuration (see PRESETS), with any field overridden: preset('tiny', vocab_size=512)."
+        name = current_preset_name(name)
         if name not in PRESETS:
             raise CourseError(f"unknown model preset {name!r}; use one of {', '.join(PRESETS)}.")
         return cls.from_dict({**PRESETS[name], **overrides})
@@ -123,11 +125,24 @@ class GPTConfig:
 PRESETS: dict[str, dict] = {
     "tiny": dict(vocab_size=4096, block_size=256, n_layer=4, n_head=4, n_embd=128),
     "small": dict(vocab_size=32000, block_size=1024, n_layer=6, n_head=8, n_embd=512),
-    "medium": dict(n_layer=12, n_head=12, n_embd=768),
-    "large": dict(n_layer=24, n_head=16, n_embd=1024),
-    "xl": dict(block_size=2048, n_layer=22, n_head=32, n_kv_head=4, n_embd=2048, bias=False, norm="rmsnorm",
-               mlp="swiglu", pos="rope", tie_embeddings=False),
+    "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-355m": dict(n_layer=24, n_head=16, n_embd=1024),
+    "tinyllama-1.1b": dict(block_size=2048, n_layer=22, n_head=32, n_kv_head=4, n_embd=2048, bias=False,
+                           norm="rmsnorm", mlp="swiglu", pos="rope", tie_embeddings=False),
 }
+
+# %% ../nbs/05_gpt.ipynb #fe510ddf
+# The first names of the larger presets, which GPT-2 uses for other sizes; kept so saved configs still load.
+RENAMED_PRESETS = {"medium": "gpt2-124m", "large": "gpt2-355m", "xl": "tinyllama-1.1b"}
+
+
+def current_preset_name(name: str) -> str:
+    "The preset's current name; an old name is translated, with a FutureWarning that names the new one."
+    if name not in RENAMED_PRESETS:
+        return name
+    new = RENAMED_PRESETS[name]
+    warnings.warn(f"model preset {name!r} is now called {new!r}; use {new!r}.", FutureWarning, stacklevel=3)
+    return new
 
 # %% ../nbs/05_gpt.ipynb #924d7700
 def make_norm(config: GPTConfig) -> nn.Module:

@@ -14,10 +14,12 @@ from .core import CourseError
 __all__ = ['OPTIMIZERS', 'decay_groups', 'Lion', 'OptimizerConfig', 'can_fuse', 'make_optimizer']
 
 # %% ../nbs/07_optimizers.ipynb #3b5f0159
-def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two parameter groups: matrices that decay, and the rest (biases, norm weights, embeddings) with
-    weight_decay=0. A parameter shared by two modules (tied embeddings) is counted once, as an embedding."""
-    embeddings = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+def decay_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False) -> list[dict]:
+    """Two parameter groups: matrices that decay, and the rest (biases, norm weights, and embeddings unless
+    decay_embeddings) with weight_decay=0. A parameter shared by two modules (tied embeddings) is counted once,
+    as an embedding."""
+    embedding_modules = [] if decay_embeddings else [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    embeddings = {id(p) for m in embedding_modules for p in m.parameters()}
     decay, no_decay = [], []
     for param in model.parameters():  # unique parameters
         if not param.requires_grad:

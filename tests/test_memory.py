@@ -39,7 +39,7 @@ def test_what_fits():
     assert estimate_memory(small, batch, precision="bf16").peak <= 8 * GiB < estimate_memory(small, batch + 1, precision="bf16").peak
     assert largest_batch_that_fits(small, 8 * GiB, checkpointing=True) > batch
     assert largest_batch_that_fits(small, MiB) == 0 and largest_preset_that_fits(MiB) is None
-    assert largest_preset_that_fits(80 * GiB, 8) == "xl"
+    assert largest_preset_that_fits(80 * GiB, 8) == "tinyllama-1.1b"
 
 
 def test_oom_recovery_keeps_the_effective_batch():

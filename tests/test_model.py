@@ -59,9 +59,9 @@ def test_formula_equals_real_count_for_every_preset(name):
 
 
 def test_formula_matches_published_counts():
-    assert estimate_num_params(GPTConfig.preset("medium", vocab_size=50257)) == 124_439_808  # GPT-2
-    assert estimate_num_params(GPTConfig.preset("large", vocab_size=50257)) == 354_823_168  # GPT-2 medium
-    assert estimate_num_params(GPTConfig.preset("xl")) == 1_100_048_384  # TinyLlama-1.1B
+    assert estimate_num_params(GPTConfig.preset("gpt2-124m", vocab_size=50257)) == 124_439_808  # GPT-2
+    assert estimate_num_params(GPTConfig.preset("gpt2-355m", vocab_size=50257)) == 354_823_168  # GPT-2 medium
+    assert estimate_num_params(GPTConfig.preset("tinyllama-1.1b")) == 1_100_048_384  # TinyLlama-1.1B
 
 
 SWITCHES = dict(norm=("layernorm", "rmsnorm"), mlp=("gelu", "swiglu"), pos=("learned", "rope"), bias=(True, False),
@@ -298,8 +298,15 @@ def test_bad_config_names_the_field(overrides, field):
 
 
 def test_unknown_preset():
-    with pytest.raises(CourseError, match="tiny, small, medium, large, xl"):
+    with pytest.raises(CourseError, match="tiny, small, gpt2-124m, gpt2-355m, tinyllama-1.1b"):
         GPTConfig.preset("huge")
+
+
+@pytest.mark.parametrize("old, new", [("medium", "gpt2-124m"), ("large", "gpt2-355m"), ("xl", "tinyllama-1.1b")])
+def test_old_preset_names_load_with_a_warning(old, new):
+    with pytest.warns(FutureWarning, match=f"'{old}' is now called '{new}'"):
+        config = GPTConfig.preset(old, vocab_size=512)
+    assert config == GPTConfig.preset(new, vocab_size=512)
 
 
 @pytest.mark.parametrize("options", [{}, dict(pos="rope")])

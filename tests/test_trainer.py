@@ -86,6 +86,15 @@ def test_decay_groups_rule():
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
 
 
+def test_decay_groups_can_decay_embeddings_like_nanogpt():
+    model = GPT(GPTConfig.preset("tiny", vocab_size=64, block_size=16, **SMALL_MODEL))
+    decay, no_decay = decay_groups(model, 0.1, decay_embeddings=True)
+    names = {id(p): n for n, p in model.named_parameters()}
+    expected = {n for n, p in model.named_parameters() if p.dim() >= 2}
+    assert {names[id(p)] for p in decay["params"]} == expected and {"wte.weight", "wpe.weight"} <= expected
+    assert all(p.dim() < 2 for p in no_decay["params"])
+
+
 def test_adamw_is_fused_on_cpu():
     model = nn.Linear(4, 4)
     optimizer = make_optimizer(model, OptimizerConfig("adamw"), lr=1e-3)
