@@ -75,7 +75,8 @@ def main_job_recipe(preset: str | None, profile) -> Recipe:
     baseline above, and a model preset (tiny, small, ...) that model on the profile's data and schedule."""
     if preset == "char-baseline":
         return CHAR_BASELINE
-    from openllm_edu.model import PRESETS
+    from openllm_edu.model import PRESETS, current_preset_name
+    preset = None if preset is None else current_preset_name(preset)  # an old name still works, with a warning
     if preset is not None and preset not in PRESETS:
         raise CourseError(f"unknown preset {preset!r}; use char-baseline or a model preset: {', '.join(PRESETS)}.")
     train = dict(model=profile.model_preset, block_size=profile.block_size, batch_size=profile.batch_size,
