@@ -13,15 +13,18 @@ import torch.nn as nn
 
 from .attention import cpu_memory_trace, cuda_memory_trace  # chapter 04's profiler replay
 from .core import CourseError, autocast, check_precision  # chapter 00's precision check
-from .model import GPT, PRESETS, GPTConfig, estimate_num_params, unwrap_model
+from .model import GPT, PRESETS, GPTConfig, estimate_num_params, param_breakdown, unwrap_model
 
 # %% auto #0
 __all__ = ['GiB', 'MiB', 'FP32', 'OPTIMIZER_STATES', 'activation_element_bytes', 'optimizer_state_bytes', 'saved_tensors',
-           'saved_activation_bytes', 'block_activation_parts', 'block_activation_bytes', 'korthikanti_activation_bytes',
-           'activation_bytes', 'logits_bytes', 'MemoryEstimate', 'estimate_memory', 'memory_table',
-           'format_memory_table', 'plot_memory', 'largest_batch_that_fits', 'largest_preset_that_fits', 'tensor_bytes',
-           'StepProfile', 'profile_training_step', 'compare_estimate', 'module_output_bytes', 'forward_saved_bytes',
-           'record_memory_snapshot', 'MemoryBudgetExceeded', 'fit_micro_batch', 'oom_back_off']
+           'saved_activation_bytes', 'gpt2_block_activation_parts', 'block_activation_bytes',
+           'korthikanti_activation_bytes', 'norm_activation_parts', 'weight_copy_parts', 'mlp_activation_parts',
+           'fused_attention_parts', 'attention_activation_parts', 'block_activation_parts', 'checkpoint_kept_bytes',
+           'outside_block_bytes', 'activation_bytes', 'recompute_bytes', 'logits_bytes', 'MemoryEstimate',
+           'estimate_memory', 'memory_table', 'format_memory_table', 'plot_memory', 'largest_batch_that_fits',
+           'largest_preset_that_fits', 'tensor_bytes', 'StepProfile', 'profile_training_step', 'compare_estimate',
+           'module_output_bytes', 'forward_saved_bytes', 'record_memory_snapshot', 'MemoryBudgetExceeded',
+           'fit_micro_batch', 'oom_back_off']
 
 # %% ../nbs/08_memory.ipynb #d268a517
 GiB, MiB = 1024**3, 1024**2
@@ -43,8 +46,10 @@ def optimizer_state_bytes(num_params: int, optimizer: str = "adamw") -> int:
 # %% ../nbs/08_memory.ipynb #97869960
 def saved_tensors(fn: Callable, exclude: nn.Module | None = None):
     """(fn()'s result, {storage pointer: (bytes, shape, dtype)}) for every tensor autograd saves for backward
-    while fn runs, one entry per storage, leaving out `exclude`'s parameters."""
-    skip = {p.untyped_storage().data_ptr() for p in exclude.parameters()} if exclude is not None else set()
+    while fn runs, one entry per storage, leaving out `exclude`'s parameters and buffers (model state that
+    exists before the step, like RoPE's cos/sin tables)."""
+    state = [*exclude.parameters(), *exclude.buffers()] if exclude is not None else []
+    skip = {t.untyped_storage().data_ptr() for t in state}
     found = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -60,16 +65,17 @@ def saved_tensors(fn: Callable, exclude: nn.Module | None = None):
 
 def saved_activation_bytes(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor,
                            precision: str = "fp32") -> int:
-    "Bytes of the distinct tensors the forward pass model(idx, targets) saves for backward (parameters excluded)."
+    "Bytes of the distinct tensors the forward pass model(idx, targets) saves for backward (model state excluded)."
     with autocast(idx.device, precision):
         _, found = saved_tensors(lambda: model(idx, targets), exclude=model)
     return sum(size for size, _, _ in found.values())
 
 # %% ../nbs/08_memory.ipynb #51d1f41d
-def block_activation_parts(config: GPTConfig, batch_size: int, seq_len: int, precision: str = "fp32") -> dict[str, int]:
-    """Bytes one block saves for backward, tensor by tensor (LayerNorm, GELU MLP, SDPA attention). Under
-    autocast the residual stream stays fp32, matmul inputs and outputs are 16-bit, and autocast keeps a
-    16-bit copy of each weight matrix until backward."""
+def gpt2_block_activation_parts(config: GPTConfig, batch_size: int, seq_len: int,
+                                precision: str = "fp32") -> dict[str, int]:
+    """Bytes a GPT-2-style block (LayerNorm, GELU MLP, one k/v head per query head, learned positions, no
+    dropout) saves for backward, tensor by tensor. Under autocast the residual stream stays fp32, matmul
+    inputs and outputs are 16-bit, and autocast keeps a 16-bit copy of each weight matrix until backward."""
     b, s, h, f = batch_size, seq_len, config.n_embd, config.mlp_hidden_size
     e = activation_element_bytes(precision)
     qkv = (config.n_head + 2 * config.num_kv_heads) * config.head_dim
@@ -87,8 +93,8 @@ def block_activation_parts(config: GPTConfig, batch_size: int, seq_len: int, pre
 
 
 def block_activation_bytes(config: GPTConfig, batch_size: int, seq_len: int, precision: str = "fp32") -> int:
-    "Bytes one block saves for backward: fp32 16·s·b·h elements (+ small per-token statistics)."
-    return sum(block_activation_parts(config, batch_size, seq_len, precision).values())
+    "Bytes the GPT-2-style block saves for backward: fp32 16·s·b·h elements (+ small per-token statistics)."
+    return sum(gpt2_block_activation_parts(config, batch_size, seq_len, precision).values())
 
 # %% ../nbs/08_memory.ipynb #ed813dec
 def korthikanti_activation_bytes(seq_len: int, batch_size: int, n_embd: int, n_head: int,
@@ -97,19 +103,129 @@ def korthikanti_activation_bytes(seq_len: int, batch_size: int, n_embd: int, n_h
     s, b = seq_len, batch_size
     return 34 * s * b * n_embd + (0 if flash else 5 * n_head * s * s * b)
 
+# %% ../nbs/08_memory.ipynb #a57b53b6
+def norm_activation_parts(config: GPTConfig, batch_size: int, seq_len: int, precision: str = "fp32") -> dict[str, int]:
+    """What a block's two norms save: their fp32 input (the residual stream) and per-token statistics; RMSNorm
+    also its x·rstd (fp32), the input of its weight multiply. Their outputs are the next Linear's inputs."""
+    tokens, h = batch_size * seq_len, config.n_embd
+    check_precision(precision)
+    if config.norm == "rmsnorm":
+        return {"norm inputs (residual stream, fp32)": 2 * tokens * h * FP32,
+                "RMSNorm x·rstd (fp32)": 2 * tokens * h * FP32,
+                "norm statistics (1/rms)": 2 * tokens * FP32}
+    return {"norm inputs (residual stream, fp32)": 2 * tokens * h * FP32,
+            "norm statistics (mean, 1/std)": 2 * 2 * tokens * FP32}
+
+# %% ../nbs/08_memory.ipynb #c05c4ebc
+def weight_copy_parts(config: GPTConfig, precision: str = "fp32") -> dict[str, int]:
+    "The 16-bit copies of one block's weight matrices that autocast keeps until backward (none in fp32)."
+    if check_precision(precision) == "fp32":
+        return {}
+    h, f = config.n_embd, config.mlp_hidden_size
+    qkv = (config.n_head + 2 * config.num_kv_heads) * config.head_dim
+    mlp_in = 2 * f if config.mlp == "swiglu" else f
+    return {"16-bit weight copies": (h * qkv + h * h + h * mlp_in + f * h) * activation_element_bytes(precision)}
+
+# %% ../nbs/08_memory.ipynb #0cedd8fa
+def mlp_activation_parts(config: GPTConfig, batch_size: int, seq_len: int, precision: str = "fp32") -> dict[str, int]:
+    """What the MLP saves: its input (the norm's output, e bytes), GELU's input and output or SwiGLU's c_fc
+    output (gate and up are views of it), silu(gate) and the product; with dropout, its mask."""
+    tokens, h, f = batch_size * seq_len, config.n_embd, config.mlp_hidden_size
+    e = activation_element_bytes(precision)
+    parts = {"c_fc input (norm output)": tokens * h * e}
+    if config.mlp == "swiglu":
+        parts["SwiGLU: c_fc output, silu(gate), product"] = (2 + 1 + 1) * tokens * f * e
+    else:
+        parts["MLP hidden (GELU input and output)"] = 2 * tokens * f * e
+    if config.dropout > 0:
+        parts["MLP dropout mask"] = tokens * h * e  # on CPU the mask has the input's dtype
+    return parts
+
+# %% ../nbs/08_memory.ipynb #b43916b3
+def fused_attention_parts(config: GPTConfig, batch_size: int, seq_len: int, precision: str = "fp32") -> dict[str, int]:
+    """What the fused SDPA kernel keeps: q, k, v (as views of c_attn's output unless RoPE or repeat_kv made
+    new tensors), its output, a log-sum-exp per head and token, and the window's mask."""
+    tokens, h, d, e = batch_size * seq_len, config.n_embd, config.head_dim, activation_element_bytes(precision)
+    rope = config.pos == "rope"
+    copies_kv = 1 < config.num_kv_heads < config.n_head  # with one kv head repeat_kv is a view
+    parts = {}
+    if not (rope and copies_kv):  # v (or q, k) is still a view that keeps c_attn's whole output alive
+        parts["q, k, v (c_attn output)"] = tokens * (config.n_head + 2 * config.num_kv_heads) * d * e
+    if rope:
+        parts["RoPE: rotated q, k"] = tokens * h * e + (0 if copies_kv else tokens * config.num_kv_heads * d * e)
+        parts["RoPE: attention output copied to merge heads"] = tokens * h * e
+    if copies_kv:
+        parts["GQA: k, v repeated to every query head"] = 2 * tokens * h * e
+    parts["attention output (c_proj input)"] = tokens * h * e
+    parts["SDPA log-sum-exp"] = batch_size * config.n_head * seq_len * FP32
+    if config.window is not None:
+        parts["sliding-window mask"] = seq_len * seq_len * e
+    return parts
+
+# %% ../nbs/08_memory.ipynb #67ebed33
+def attention_activation_parts(config: GPTConfig, batch_size: int, seq_len: int,
+                               precision: str = "fp32") -> dict[str, int]:
+    "What attention saves: what SDPA keeps of q, k, v (views or copies), its output, and each switch's extras."
+    b, s, a = batch_size, seq_len, config.n_head
+    tokens, h, e = b * s, config.n_embd, activation_element_bytes(precision)
+    parts = {"c_attn input (norm output)": tokens * h * e}
+    if config.dropout > 0:  # SDPA's math path, in fp32 on CPU
+        parts["q, k, v (fp32 copies)"] = 3 * tokens * h * FP32
+        parts["probabilities, dropout mask, dropped (fp32)"] = 3 * b * a * s * s * FP32
+        parts["attention output (c_proj input)"] = tokens * h * e
+        parts["residual dropout mask"] = tokens * h * e
+        return parts
+    return {**parts, **fused_attention_parts(config, b, s, precision)}
+
+# %% ../nbs/08_memory.ipynb #7898e868
+def block_activation_parts(config: GPTConfig, batch_size: int, seq_len: int, precision: str = "fp32") -> dict[str, int]:
+    "Bytes one block of GPT(config) saves for backward, part by part, for every switch of GPTConfig."
+    b, s = batch_size, seq_len
+    return {**norm_activation_parts(config, b, s, precision), **attention_activation_parts(config, b, s, precision),
+            **mlp_activation_parts(config, b, s, precision), **weight_copy_parts(config, precision)}
+
 # %% ../nbs/08_memory.ipynb #a1cf0353
+def checkpoint_kept_bytes(config: GPTConfig, batch_size: int, seq_len: int) -> int:
+    "What a checkpointed block keeps: its fp32 input, and the CPU RNG state so that dropout replays the same."
+    return batch_size * seq_len * config.n_embd * FP32 + torch.get_rng_state().nbytes
+
+
+def outside_block_bytes(config: GPTConfig, batch_size: int, seq_len: int, precision: str = "fp32") -> int:
+    "What the embeddings, the final norm and the output head save (the loss's log-probabilities excluded)."
+    tokens, h, e = batch_size * seq_len, config.n_embd, activation_element_bytes(precision)
+    ids = tokens * 8 + (seq_len * 8 if config.pos == "learned" else 0)  # int64 token ids (and positions)
+    embedding_dropout = tokens * h * FP32 if config.dropout > 0 else 0  # its mask, fp32 like the embeddings
+    final_norm = tokens * h * FP32 + (tokens * h * FP32 + tokens * FP32 if config.norm == "rmsnorm" else 2 * tokens * FP32)
+    head = tokens * h * e + (config.vocab_size * h * e if precision != "fp32" else 0)  # input, 16-bit weight copy
+    return ids + embedding_dropout + final_norm + head
+
+
 def activation_bytes(config: GPTConfig, batch_size: int, seq_len: int, precision: str = "fp32",
                      checkpointing: bool | None = None) -> int:
     "Bytes the forward pass saves for backward, logits and log-probabilities excluded (see logits_bytes)."
-    b, s, h, e = batch_size, seq_len, config.n_embd, activation_element_bytes(precision)
     checkpointing = config.gradient_checkpointing if checkpointing is None else checkpointing
-    one_block = block_activation_bytes(config, b, s, precision)
-    blocks = config.n_layer * (b * s * h * FP32) + one_block if checkpointing else config.n_layer * one_block
-    ids = b * s * 8 + (s * 8 if config.pos == "learned" else 0)  # int64 token ids (and positions)
-    head = b * s * h * (FP32 + e) + 2 * b * s * FP32  # final norm input and output, its statistics
-    if precision != "fp32":
-        head += config.vocab_size * h * e  # 16-bit copy of the output head's weight
-    return blocks + ids + head
+    per_layer = (checkpoint_kept_bytes(config, batch_size, seq_len) if checkpointing
+                 else sum(block_activation_parts(config, batch_size, seq_len, precision).values()))
+    return config.n_layer * per_layer + outside_block_bytes(config, batch_size, seq_len, precision)
+
+
+def recompute_bytes(config: GPTConfig, batch_size: int, seq_len: int, precision: str = "fp32",
+                    checkpointing: bool | None = None) -> int:
+    """With checkpointing, the most that is alive when backward has rebuilt a block: its activations, the kept
+    inputs of the blocks before it, the gradients of the head and of the blocks after it. Backward walks from
+    the last block (every input kept) to the first (every later block's gradients made); in between it is
+    linear, so one of the two ends is the peak. (Inside the block's backward its activations are freed while
+    its own gradients and the working gradients appear: not counted.)"""
+    checkpointing = config.gradient_checkpointing if checkpointing is None else checkpointing
+    if not checkpointing:
+        return 0
+    params, layers = param_breakdown(config), config.n_layer
+    kept = checkpoint_kept_bytes(config, batch_size, seq_len)
+    block_grads = (params["attention"] + params["mlp"]) // layers * FP32
+    head_grads = config.vocab_size * config.n_embd * FP32
+    rebuilt = sum(block_activation_parts(config, batch_size, seq_len, precision).values())
+    walk = max(layers * kept, kept + (layers - 1) * block_grads)  # at the last block, at the first
+    return batch_size * seq_len * 8 + rebuilt + head_grads + walk
 
 
 def logits_bytes(config: GPTConfig, batch_size: int, seq_len: int, precision: str = "fp32") -> int:
@@ -127,6 +243,7 @@ class MemoryEstimate:
     optimizer: int
     activations: int
     logits: int
+    recompute: int = 0  # with checkpointing: alive while backward rebuilds a block (params, states aside)
 
     @property
     def total(self) -> int:
@@ -134,8 +251,8 @@ class MemoryEstimate:
 
     @property
     def peak(self) -> int:
-        "The largest amount alive at one moment: end of forward, or end of backward."
-        return self.parameters + self.optimizer + max(self.activations + self.logits, self.gradients)
+        "The largest amount alive at one moment: end of forward, a block rebuilt in backward, or end of backward."
+        return self.parameters + self.optimizer + max(self.activations + self.logits, self.recompute, self.gradients)
 
     def as_dict(self) -> dict[str, int]:
         return {"parameters": self.parameters, "gradients": self.gradients, "optimizer": self.optimizer,
@@ -149,7 +266,8 @@ def estimate_memory(config: GPTConfig, batch_size: int, seq_len: int | None = No
     n = estimate_num_params(config)
     return MemoryEstimate(parameters=n * FP32, gradients=n * FP32, optimizer=optimizer_state_bytes(n, optimizer),
                           activations=activation_bytes(config, batch_size, seq_len, precision, checkpointing),
-                          logits=logits_bytes(config, batch_size, seq_len, precision))
+                          logits=logits_bytes(config, batch_size, seq_len, precision),
+                          recompute=recompute_bytes(config, batch_size, seq_len, precision, checkpointing))
 
 # %% ../nbs/08_memory.ipynb #70a6f4c8
 def memory_table(presets=tuple(PRESETS), batch_size: int = 8, seq_len: int | None = None,
