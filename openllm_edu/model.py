@@ -385,7 +385,7 @@ def load_pretrained(directory: str | Path, device: str | torch.device = "cpu") -
     tokenizer = load_tokenizer(directory / TOKENIZER_DIR) if (directory / TOKENIZER_DIR).is_dir() else None
     return model.eval(), tokenizer
 
-# %% ../nbs/05_gpt.ipynb #learn001
+# %% ../nbs/05_gpt.ipynb #dd27e748
 from .data import get_batch
 
 
@@ -420,7 +420,7 @@ def train_briefly(model: nn.Module, tokens, *, steps: int, batch_size: int, bloc
     model.eval()
     return losses
 
-# %% ../nbs/05_gpt.ipynb #learn005
+# %% ../nbs/05_gpt.ipynb #b1712790
 import numpy as np
 
 from .core import Profile, get_profile
@@ -456,7 +456,7 @@ def course_data(profile: Profile | str | None = None) -> CourseData:
     train, val = (np.concatenate(list(encode_documents(docs, tokenizer))) for docs in (train_docs, val_docs))
     return CourseData(tokenizer, train, val, count_utf8_bytes(val_docs))
 
-# %% ../nbs/05_gpt.ipynb #learn008
+# %% ../nbs/05_gpt.ipynb #66d2dbee
 BRIEF_STEPS = {"ci": 60, "laptop": 600, "gpu": 2000}  # ~5 s on one core / ~2 min on a laptop / a GPU
 
 
@@ -469,7 +469,7 @@ def course_config(profile: Profile, tokenizer: Tokenizer) -> GPTConfig:
     "The profile's model preset, sized for `tokenizer` and the profile's context."
     return GPTConfig.preset(profile.model_preset, vocab_size=tokenizer.vocab_size, block_size=profile.block_size)
 
-# %% ../nbs/05_gpt.ipynb #learn020
+# %% ../nbs/05_gpt.ipynb #6e6696b0
 import contextlib
 import hashlib
 import shutil
@@ -505,7 +505,7 @@ def file_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed, or its process dies
         yield
 
-# %% ../nbs/05_gpt.ipynb #learn022
+# %% ../nbs/05_gpt.ipynb #ad52abba
 def course_recipe(profile: Profile | str | None = None) -> dict:
     "Everything that decides the course model of `profile`: the profile itself, the training recipe, its version."
     profile = as_profile(profile)
@@ -519,7 +519,7 @@ def course_model_dir(profile: Profile | str | None = None) -> Path:
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     return course_cache_dir() / "course_model" / f"{recipe['profile']['name']}-{digest}"
 
-# %% ../nbs/05_gpt.ipynb #learn025
+# %% ../nbs/05_gpt.ipynb #de496a79
 def train_course_model(profile: Profile | str | None = None) -> tuple[GPT, Tokenizer, dict]:
     "Train the course model of `profile` from scratch: (model on the CPU in eval mode, tokenizer, report)."
     profile, recipe = as_profile(profile), course_recipe(profile)
@@ -535,7 +535,7 @@ def train_course_model(profile: Profile | str | None = None) -> tuple[GPT, Token
                   seconds=round(time.perf_counter() - start, 1))
     return model.cpu().eval(), data.tokenizer, report
 
-# %% ../nbs/05_gpt.ipynb #learn027
+# %% ../nbs/05_gpt.ipynb #54e7a1ed
 def _load_course_model(folder: Path) -> tuple[GPT, Tokenizer]:
     model, tokenizer = load_pretrained(folder)
     if tokenizer is None:
