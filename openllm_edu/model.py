@@ -403,7 +403,8 @@ def train_briefly(model: nn.Module, tokens, *, steps: int, batch_size: int, bloc
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     warmup = max(1, steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    schedule = torch.optim.lr_scheduler.LambdaLR(  # a linear warmup, then a linear decay to 0
+        optimizer, lambda step: min((step + 1) / warmup, (steps - step) / max(1, steps - warmup)))
     model.train()
     losses = []
     for step in range(steps):
