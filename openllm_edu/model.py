@@ -24,9 +24,12 @@ from .tokenizer import Tokenizer, load_tokenizer
 
 # %% auto #0
 __all__ = ['NORMS', 'MLPS', 'POSITIONS', 'IGNORE_INDEX', 'PRESETS', 'RENAMED_PRESETS', 'CONFIG_FILE', 'WEIGHTS_FILE',
-           'TOKENIZER_DIR', 'MODEL_TYPE', 'check_gpt_config', 'GPTConfig', 'current_preset_name', 'make_norm', 'MLP',
-           'swiglu', 'SwiGLUMLP', 'Block', 'first_position', 'GPT', 'param_breakdown', 'estimate_num_params',
-           'matmul_params', 'flops_per_token', 'unwrap_model', 'save_pretrained', 'load_pretrained']
+           'TOKENIZER_DIR', 'MODEL_TYPE', 'BRIEF_STEPS', 'CACHE_ENV', 'COURSE_MODEL_VERSION', 'REPORT_FILE',
+           'check_gpt_config', 'GPTConfig', 'current_preset_name', 'make_norm', 'MLP', 'swiglu', 'SwiGLUMLP', 'Block',
+           'first_position', 'GPT', 'param_breakdown', 'estimate_num_params', 'matmul_params', 'flops_per_token',
+           'unwrap_model', 'save_pretrained', 'load_pretrained', 'train_briefly', 'CourseData', 'as_profile',
+           'course_data', 'brief_steps', 'course_config', 'course_cache_dir', 'file_lock', 'course_recipe',
+           'course_model_dir', 'train_course_model', 'course_model', 'course_model_report']
 
 # %% ../nbs/05_gpt.ipynb #2f3c824e
 NORMS = ("layernorm", "rmsnorm")
@@ -381,3 +384,203 @@ def load_pretrained(directory: str | Path, device: str | torch.device = "cpu") -
                           f"({type(e).__name__}: {str(e)[:300]}); {fix}.") from None
     tokenizer = load_tokenizer(directory / TOKENIZER_DIR) if (directory / TOKENIZER_DIR).is_dir() else None
     return model.eval(), tokenizer
+
+# %% ../nbs/05_gpt.ipynb #dd27e748
+from .data import get_batch
+
+
+def train_briefly(model: nn.Module, tokens, *, steps: int, batch_size: int, block_size: int, lr: float = 3e-3,
+                  seed: int = 0, log_every: int = 0) -> list[float]:
+    """Train `model` in place with AdamW for `steps` steps on random windows of `tokens` (1-D token ids) and
+    return every step's training loss. The same seed gives the same batches, so the same losses on the same
+    machine. Runs on the model's device; leaves the model in eval mode."""
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("block_size", block_size)):
+        _check_whole(name, value)
+    if not lr > 0:
+        raise CourseError(f"lr={lr!r} must be a positive learning rate; 3e-3 suits the tiny preset.")
+    torch.manual_seed(seed)  # dropout, if the model has any
+    batches = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    warmup = max(1, steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(  # a linear warmup, then a linear decay to 0
+        optimizer, lambda step: min((step + 1) / warmup, (steps - step) / max(1, steps - warmup)))
+    model.train()
+    losses = []
+    for step in range(steps):
+        x, y = get_batch(tokens, batch_size, block_size, batches)
+        _, loss = model(x.to(device), y.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if log_every and (step % log_every == 0 or step == steps - 1):
+            print(f"step {step:5d}  loss {losses[-1]:.3f}")
+    model.eval()
+    return losses
+
+# %% ../nbs/05_gpt.ipynb #b1712790
+import numpy as np
+
+from .core import Profile, get_profile
+from .data import encode_documents, hash_split, shakespeare_documents
+from .fast_bpe import train_tokenizer
+from .metrics import count_utf8_bytes
+
+
+@dataclass
+class CourseData:
+    "The profile's corpus, tokenized: the tokenizer (trained on the training split) and both splits' token ids."
+    tokenizer: Tokenizer
+    train: np.ndarray  # every document's ids followed by the end-of-text id
+    val: np.ndarray
+    val_bytes: int  # UTF-8 bytes of the validation documents: what bits per byte divides by
+
+
+def as_profile(profile: Profile | str | None) -> Profile:
+    "A Profile as it is, or the profile of that name, or (None) the active one."
+    return profile if isinstance(profile, Profile) else get_profile(profile)
+
+
+def course_data(profile: Profile | str | None = None) -> CourseData:
+    "The corpus, split, tokenizer and token ids of `profile` (default: the active one), as chapters 01-03 build them."
+    profile = as_profile(profile)
+    documents = shakespeare_documents(max_bytes=profile.corpus_max_bytes or None)
+    train_docs, val_docs = hash_split(documents, profile.val_fraction)
+    if not val_docs:
+        raise CourseError(f"profile {profile.name} leaves no validation documents (val_fraction="
+                          f"{profile.val_fraction}); give it a val_fraction such as 0.05 in settings.ini.")
+    vocab_size = None if profile.tokenizer == "char" else profile.vocab_size
+    tokenizer = train_tokenizer(profile.tokenizer, train_docs, vocab_size)
+    train, val = (np.concatenate(list(encode_documents(docs, tokenizer))) for docs in (train_docs, val_docs))
+    return CourseData(tokenizer, train, val, count_utf8_bytes(val_docs))
+
+# %% ../nbs/05_gpt.ipynb #66d2dbee
+BRIEF_STEPS = {"ci": 60, "laptop": 600, "gpu": 2000}  # ~5 s on one core / ~2 min on a laptop / a GPU
+
+
+def brief_steps(profile: Profile) -> int:
+    "How many steps `train_briefly` takes for the course model of `profile` (a profile not listed: laptop's)."
+    return BRIEF_STEPS.get(profile.name, BRIEF_STEPS["laptop"])
+
+
+def course_config(profile: Profile, tokenizer: Tokenizer) -> GPTConfig:
+    "The profile's model preset, sized for `tokenizer` and the profile's context."
+    return GPTConfig.preset(profile.model_preset, vocab_size=tokenizer.vocab_size, block_size=profile.block_size)
+
+# %% ../nbs/05_gpt.ipynb #6e6696b0
+import contextlib
+import hashlib
+import shutil
+import sys
+import tempfile
+import time
+
+from .core import best_device
+from .metrics import evaluate_lm
+
+CACHE_ENV = "OPENLLM_EDU_CACHE"
+COURSE_MODEL_VERSION = 1  # raise it whenever the recipe's code changes: cached course models are then retrained
+REPORT_FILE = "training.json"
+
+
+def course_cache_dir() -> Path:
+    "Where the course keeps what it builds once: $OPENLLM_EDU_CACHE, else $XDG_CACHE_HOME/openllm_edu, else ~/.cache/openllm_edu."
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "openllm_edu"
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    "Hold an exclusive lock on the file `path` while the block runs; other processes wait here for it."
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock, so two processes at once may both do the work
+        fcntl = None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed, or its process dies
+        yield
+
+# %% ../nbs/05_gpt.ipynb #ad52abba
+def course_recipe(profile: Profile | str | None = None) -> dict:
+    "Everything that decides the course model of `profile`: the profile itself, the training recipe, its version."
+    profile = as_profile(profile)
+    return dict(version=COURSE_MODEL_VERSION, profile=dataclasses.asdict(profile), steps=brief_steps(profile),
+                lr=3e-3, seed=0, device="cuda" if best_device() == "cuda" else "cpu")
+
+
+def course_model_dir(profile: Profile | str | None = None) -> Path:
+    "The cache folder of the course model of `profile`: PROFILE-HASH, the hash of its recipe."
+    recipe = course_recipe(profile)
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    return course_cache_dir() / "course_model" / f"{recipe['profile']['name']}-{digest}"
+
+# %% ../nbs/05_gpt.ipynb #de496a79
+def train_course_model(profile: Profile | str | None = None) -> tuple[GPT, Tokenizer, dict]:
+    "Train the course model of `profile` from scratch: (model on the CPU in eval mode, tokenizer, report)."
+    profile, recipe = as_profile(profile), course_recipe(profile)
+    start = time.perf_counter()
+    data = course_data(profile)
+    torch.manual_seed(recipe["seed"])
+    model = GPT(course_config(profile, data.tokenizer)).to(recipe["device"])
+    losses = train_briefly(model, data.train, steps=recipe["steps"], batch_size=profile.batch_size,
+                           block_size=profile.block_size, lr=recipe["lr"], seed=recipe["seed"])
+    held_out = evaluate_lm(model, data.val, data.val_bytes, block_size=profile.block_size, batch_size=32)
+    uniform_bits = held_out.tokens * math.log2(data.tokenizer.vocab_size) / held_out.bytes
+    report = dict(recipe=recipe, losses=losses, held_out=held_out.to_dict(), uniform_bits_per_byte=uniform_bits,
+                  seconds=round(time.perf_counter() - start, 1))
+    return model.cpu().eval(), data.tokenizer, report
+
+# %% ../nbs/05_gpt.ipynb #54e7a1ed
+def _load_course_model(folder: Path) -> tuple[GPT, Tokenizer]:
+    model, tokenizer = load_pretrained(folder)
+    if tokenizer is None:
+        raise CourseError(f"{TOKENIZER_DIR}/ is missing")
+    json.loads((folder / REPORT_FILE).read_text(encoding="utf-8"))
+    return model, tokenizer
+
+
+def _store_course_model(folder: Path, model: GPT, tokenizer: Tokenizer, report: dict) -> None:
+    partial = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    try:
+        save_pretrained(model, partial, tokenizer)
+        atomic_write_text(partial / REPORT_FILE, json.dumps(report, indent=1) + "\n")
+        shutil.rmtree(folder, ignore_errors=True)  # a damaged copy
+        os.replace(partial, folder)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def course_model(profile: Profile | str | None = None) -> tuple[GPT, Tokenizer]:
+    """The course's small trained model of `profile` (default: the active one) and its tokenizer, on the CPU in
+    eval mode. Trained on first use (seconds under ci, minutes under laptop), then loaded from the cache;
+    processes asking at once train it once."""
+    folder = course_model_dir(profile)
+    with file_lock(folder.with_name(folder.name + ".lock")):
+        if folder.exists():
+            try:
+                return _load_course_model(folder)
+            except (CourseError, OSError, ValueError, KeyError) as e:
+                reason = (str(e).splitlines() or [type(e).__name__])[0]
+                print(f"course model: {folder} is damaged ({reason}); training it again.", file=sys.stderr)
+        profile = as_profile(profile)
+        print(f"course model: training the {profile.model_preset} model of profile {profile.name} "
+              f"({brief_steps(profile)} steps, once; later calls load it from {folder.parent})", file=sys.stderr)
+        model, tokenizer, report = train_course_model(profile)
+        _store_course_model(folder, model, tokenizer, report)
+        print(f"course model: trained in {report['seconds']:.0f} s, held out "
+              f"{report['held_out']['bits_per_byte']:.3f} bits/byte", file=sys.stderr)
+        return _load_course_model(folder)
+
+
+def course_model_report(profile: Profile | str | None = None) -> dict:
+    "The training report of the cached course model of `profile`: recipe, losses, held-out evaluation, seconds."
+    path = course_model_dir(profile) / REPORT_FILE
+    if not path.is_file():
+        raise CourseError(f"no course model is cached at {path.parent}; call course_model() first.")
+    return json.loads(path.read_text(encoding="utf-8"))
