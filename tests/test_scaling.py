@@ -10,8 +10,19 @@ from openllm_edu.core import CourseError
 from openllm_edu.data import shakespeare_documents
 from openllm_edu.fast_bpe import prepare_data
 from openllm_edu.model import GPT, GPTConfig, flops_per_token, matmul_params
-from openllm_edu.scaling import (IsoFlopRun, compute_optimal_size, fit_power_law, isoflop_configs, parabola_minimum,
-                                 run_tokens, shape_family, six_n_d, train_isoflop_run, trainer_flops, training_flops)
+from openllm_edu.scaling import (
+    IsoFlopRun,
+    compute_optimal_size,
+    fit_power_law,
+    isoflop_configs,
+    parabola_minimum,
+    run_tokens,
+    shape_family,
+    six_n_d,
+    train_isoflop_run,
+    trainer_flops,
+    training_flops,
+)
 from openllm_edu.tokenizer import make_tokenizer
 from openllm_edu.train_config import TrainConfig
 from openllm_edu.trainer import Trainer
