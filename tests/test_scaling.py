@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from openllm_edu.core import CourseError
@@ -89,16 +90,28 @@ def test_isoflop_configs_spend_the_budget():
         isoflop_configs(1e9, family, batch_size=8)
 
 
-def test_six_n_d_matches_pytorchs_flop_counter():
-    "PyTorch counts the matmuls of forward and backward; on CPU it does not see inside fused attention."
+def counted_flops(step) -> dict:
+    "FLOPs PyTorch counts while `step()` runs, by operator; attention as plain batched matmuls it can see."
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        step()
+    return {str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}
+
+
+@pytest.mark.parametrize("seq_len, n_layer, n_embd, n_head", [(64, 2, 64, 2), (128, 1, 32, 1), (32, 3, 96, 3)])
+def test_training_flops_match_pytorchs_flop_counter(seq_len, n_layer, n_embd, n_head):
     torch.manual_seed(0)
-    config = GPTConfig.preset("tiny", vocab_size=256, block_size=64, n_layer=2, n_embd=64, n_head=2, bias=False)
-    x = torch.randint(0, 256, (4, 64))
-    with FlopCounterMode(display=False) as counter:
+    config = GPTConfig.preset("tiny", vocab_size=256, block_size=seq_len, n_layer=n_layer, n_embd=n_embd,
+                              n_head=n_head, bias=False)
+    x = torch.randint(0, 256, (4, seq_len))
+
+    def step():
         _, loss = GPT(config)(x, x)
         loss.backward()
-    assert abs(counter.get_total_flops() / six_n_d(config, x.numel()) - 1) < 0.03
-    attention = 12 * config.n_layer * config.n_head * config.head_dim * 64 * x.numel()
+
+    counted = counted_flops(step)
+    assert abs(counted["aten.mm"] / six_n_d(config, x.numel()) - 1) < 0.01  # norm gains are not matmuls
+    assert counted["aten.bmm"] == training_flops(config, x.numel()) - six_n_d(config, x.numel())
+    attention = 12 * n_layer * n_head * config.head_dim * seq_len * x.numel()
     assert training_flops(config, x.numel()) == six_n_d(config, x.numel()) + attention
 
 
@@ -108,10 +121,9 @@ def test_flops_of_a_real_run(data_dir, tmp_path):
                          batch_size=4, grad_accum=2, max_steps=3, eval_every=0, precision="fp32", progress=False,
                          tensorboard=False)
     trainer = Trainer.from_config(config, loggers=[])
-    with FlopCounterMode(display=False) as counter:
-        trainer.train_step()
+    counted = sum(counted_flops(trainer.train_step).values())
     per_step = run_tokens(1, 4, 32, grad_accum=2)
-    assert abs(counter.get_total_flops() / six_n_d(trainer.model.config, per_step) - 1) < 0.03
+    assert abs(counted / training_flops(trainer.model.config, per_step) - 1) < 0.01
     trainer.fit()
     assert trainer.step == 3
     assert trainer_flops(trainer) == 3 * 2 * 4 * 32 * flops_per_token(trainer.model.config, 32)
