@@ -84,10 +84,18 @@ def test_isoflop_configs_spend_the_budget():
     for run in runs:
         assert run.tokens == run.steps * 8 * 256 and run.steps >= 10
         assert run.flops == run.tokens * flops_per_token(run.config, 256)
-        assert abs(run.flops / budget - 1) <= 1 / (2 * run.steps)  # the nearest whole step
+        assert abs(run.flops / budget - 1) <= 1 / (2 * run.steps - 1)  # the nearest whole step: off by at most half a step
     assert [r.tokens for r in runs] == sorted((r.tokens for r in runs), reverse=True)  # bigger model, fewer tokens
     with pytest.raises(CourseError, match="raise the budget"):
         isoflop_configs(1e9, family, batch_size=8)
+
+
+def test_isoflop_configs_round_to_the_nearest_step_at_any_budget():
+    family = shape_family((1, 2, 3, 4), vocab_size=337, block_size=64, width_per_layer=16, head_dim=16)
+    for budget in np.geomspace(2e10, 2e12, 61):
+        for run in isoflop_configs(budget, family, batch_size=16):
+            per_step = training_flops(run.config, run_tokens(1, 16, 64))
+            assert abs(run.flops - budget) <= per_step / 2 and run.flops == run.steps * per_step
 
 
 def counted_flops(step) -> dict:
