@@ -481,7 +481,7 @@ def fit(self: Trainer) -> dict:
                 skipped_steps=self.skipped_steps, seconds=time.perf_counter() - start,
                 steps_run=self.step - first_step, out_dir=config.out_dir)
 
-# %% ../nbs/07_training.ipynb #74a57d41
+# %% ../nbs/07_training.ipynb #3f27fc75
 @dataclass(frozen=True)
 class Sample:
     "What the model wrote after `prompt` at `step`."

@@ -25,8 +25,15 @@ from openllm_edu.optim import Lion, OptimizerConfig, decay_groups, make_optimize
 from openllm_edu.schedule import ScheduleConfig, constant, linear_decay, warmup_cosine, warmup_stable_decay
 from openllm_edu.tokenizer import make_tokenizer
 from openllm_edu.train_config import TrainConfig
-from openllm_edu.trainer import NonFiniteLossError, SampleTracker, SingleProcess, TrainData, Trainer
-from openllm_edu.trainer import accumulate_gradients, clip_gradients
+from openllm_edu.trainer import (
+    NonFiniteLossError,
+    SampleTracker,
+    SingleProcess,
+    TrainData,
+    Trainer,
+    accumulate_gradients,
+    clip_gradients,
+)
 
 SMALL_MODEL = dict(n_layer=2, n_head=2, n_embd=32)
 
