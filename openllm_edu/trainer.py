@@ -20,6 +20,7 @@ from .checkpoint import CHECKPOINT_FORMAT, Checkpointer, lock_run_folder, rng_st
 from .checkpoint import remove_temporary_files
 from .core import CourseError, autocast, resolve_device, resolve_precision
 from .data import BatchSampler, load_token_file, read_token_metadata
+from .generate import GenerationConfig, generate_text
 from .loggers import default_loggers
 from .metrics import LMEvaluation, evaluate_lm
 from .model import GPT, GPTConfig, flops_per_token, save_pretrained, unwrap_model
@@ -29,7 +30,7 @@ from .train_config import TrainConfig, resume_config
 
 # %% auto #0
 __all__ = ['bare_train_step', 'accumulate_gradients', 'clip_gradients', 'TrainData', 'Strategy', 'SingleProcess',
-           'NonFiniteLossError', 'patch', 'backward_step', 'Trainer', 'build_model']
+           'NonFiniteLossError', 'patch', 'backward_step', 'Trainer', 'build_model', 'Sample', 'SampleTracker']
 
 # %% ../nbs/07_training.ipynb #6d795f23
 def bare_train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str = "fp32",
@@ -479,3 +480,37 @@ def fit(self: Trainer) -> dict:
     return dict(step=self.step, best_val_loss=self.best_val_loss, stopped_early=stopped_early,
                 skipped_steps=self.skipped_steps, seconds=time.perf_counter() - start,
                 steps_run=self.step - first_step, out_dir=config.out_dir)
+
+# %% ../nbs/07_training.ipynb #3f27fc75
+@dataclass(frozen=True)
+class Sample:
+    "What the model wrote after `prompt` at `step`."
+    step: int
+    prompt: str
+    text: str
+
+
+class SampleTracker:
+    """A callback: every `every` steps, each prompt continued by the trainer's model (greedy or seeded, so the
+    same weights give the same text), kept in `samples` and logged under "samples"."""
+
+    def __init__(self, tokenizer, prompts: Sequence[str], every: int, config: GenerationConfig | None = None):
+        config = config if config is not None else GenerationConfig(max_new_tokens=40, seed=0)
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise CourseError(f"every={every!r} must be a whole number of steps >= 1, e.g. every=100.")
+        if config.seed is None and config.temperature > 0:
+            raise CourseError("the tracker's samples must be reproducible and must not draw from the training's "
+                              "random numbers: pass GenerationConfig(seed=0) or temperature=0 (greedy).")
+        self.tokenizer, self.prompts, self.every, self.config = tokenizer, list(prompts), every, config
+        self.samples: list[Sample] = []
+
+    def record(self, trainer: Trainer) -> list[Sample]:
+        "Continue every prompt with the model as it is now; keep and return the samples."
+        new = [Sample(trainer.step, prompt, generate_text(trainer.model, self.tokenizer, prompt, self.config))
+               for prompt in self.prompts]
+        self.samples.extend(new)
+        return new
+
+    def __call__(self, trainer: Trainer) -> None:
+        if trainer.step % self.every == 0:
+            trainer.log({"samples": {sample.prompt: sample.text for sample in self.record(trainer)}})

@@ -1,4 +1,5 @@
 """The trainer of chapter 07: schedules, optimizers, accumulation, checkpoints and exact resume."""
+import copy
 import json
 import math
 import os
@@ -16,6 +17,7 @@ from openllm_edu.checkpoint import Checkpointer
 from openllm_edu.core import CourseError, resolve_precision
 from openllm_edu.data import shakespeare_documents
 from openllm_edu.fast_bpe import prepare_data
+from openllm_edu.generate import GenerationConfig, generate_text
 from openllm_edu.loggers import JSONLinesLogger, read_metrics
 from openllm_edu.memory import oom_back_off
 from openllm_edu.model import GPT, GPTConfig
@@ -23,7 +25,15 @@ from openllm_edu.optim import Lion, OptimizerConfig, decay_groups, make_optimize
 from openllm_edu.schedule import ScheduleConfig, constant, linear_decay, warmup_cosine, warmup_stable_decay
 from openllm_edu.tokenizer import make_tokenizer
 from openllm_edu.train_config import TrainConfig
-from openllm_edu.trainer import NonFiniteLossError, SingleProcess, Trainer, accumulate_gradients, clip_gradients
+from openllm_edu.trainer import (
+    NonFiniteLossError,
+    SampleTracker,
+    SingleProcess,
+    TrainData,
+    Trainer,
+    accumulate_gradients,
+    clip_gradients,
+)
 
 SMALL_MODEL = dict(n_layer=2, n_head=2, n_embd=32)
 
@@ -668,3 +678,81 @@ def test_without_tensorboard_the_run_says_so_and_logs_to_the_metrics_file(tmp_pa
     with pytest.warns(UserWarning, match=r"tensorboard package is not installed.*openllm-edu\[tensorboard\]"):
         loggers = default_loggers(config)
     assert [type(logger) for logger in loggers] == [JSONLinesLogger]
+
+
+# --- samples at fixed prompts through training --------------------------------------------------------------
+
+PROMPTS = ["ROMEO:\n", "To be"]
+
+
+@pytest.fixture(scope="module")
+def char_tokenizer(data_dir):
+    tokenizer = make_tokenizer("char").train(shakespeare_documents(max_bytes=60_000))
+    assert tokenizer.vocab_size == TrainData.load(data_dir).vocab_size  # the tokenizer the data was made with
+    return tokenizer
+
+
+def run_with_dropout(data_dir, out_dir, callbacks=(), **overrides) -> Trainer:
+    "Dropout draws from the global random generator: a tracker that drew from it too would change the losses."
+    values = {"max_steps": 10, "eval_every": 5, "model_overrides": {**SMALL_MODEL, "dropout": 0.2}, **overrides}
+    return Trainer.from_config(make_config(data_dir, out_dir, **values), callbacks=callbacks)
+
+
+def test_sample_tracker_fires_every_n_steps_and_logs_what_it_recorded(data_dir, tmp_path, char_tokenizer):
+    tracker = SampleTracker(char_tokenizer, PROMPTS, every=4, config=GenerationConfig(max_new_tokens=8, seed=1))
+    trainer = run_with_dropout(data_dir, tmp_path / "run", callbacks=[tracker])
+    tracker.record(trainer)
+    trainer.fit()
+    assert [(s.step, s.prompt) for s in tracker.samples] == [(step, p) for step in (0, 4, 8) for p in PROMPTS]
+    logged = [row for row in read_metrics(tmp_path / "run" / "metrics.jsonl") if "samples" in row]
+    assert [row["step"] for row in logged] == [4, 8]
+    assert [row["samples"] for row in logged] == [{s.prompt: s.text for s in tracker.samples if s.step == step}
+                                                  for step in (4, 8)]
+    assert all(len(s.text) <= 8 for s in tracker.samples)  # at most a character per new token
+
+
+def test_step_0_samples_are_what_generate_gives_for_the_initial_weights(data_dir, tmp_path, char_tokenizer):
+    trainer = run_with_dropout(data_dir, tmp_path / "run")
+    initial = copy.deepcopy(trainer.model)
+    for config in (GenerationConfig(max_new_tokens=12, seed=5), GenerationConfig(max_new_tokens=12, temperature=0)):
+        expected = [generate_text(initial, char_tokenizer, prompt, config) for prompt in PROMPTS]
+        tracker = SampleTracker(char_tokenizer, PROMPTS, every=3, config=config)
+        assert [(s.step, s.text) for s in tracker.record(trainer)] == [(0, text) for text in expected]
+    assert trainer.model.training, "the model goes back to training mode"
+
+
+def test_samples_are_deterministic_for_a_seed(data_dir, tmp_path, char_tokenizer):
+    def samples(seed: int, out: str) -> list:
+        tracker = SampleTracker(char_tokenizer, PROMPTS, every=3, config=GenerationConfig(max_new_tokens=12, seed=seed))
+        run_with_dropout(data_dir, tmp_path / out, callbacks=[tracker], max_steps=6, eval_every=0).fit()
+        return [(s.step, s.prompt, s.text) for s in tracker.samples]
+
+    first = samples(7, "first")
+    assert [step for step, _, _ in first] == [3, 3, 6, 6]
+    assert samples(7, "again") == first
+    assert samples(8, "other seed") != first
+
+
+def test_the_sample_tracker_never_changes_the_training(data_dir, tmp_path, char_tokenizer):
+    tracker = SampleTracker(char_tokenizer, PROMPTS, every=2, config=GenerationConfig(max_new_tokens=6, seed=0))
+    tracked = run_with_dropout(data_dir, tmp_path / "tracked", callbacks=[tracker])
+    tracker.record(tracked)
+    tracked.fit()
+    plain = run_with_dropout(data_dir, tmp_path / "plain")
+    plain.fit()
+
+    def losses(out: str) -> list:
+        rows = [row for row in read_metrics(tmp_path / out / "metrics.jsonl") if "samples" not in row]
+        return [{name: value for name, value in row.items() if name != "tokens_per_s"} for row in rows]  # timing varies
+
+    assert len(tracker.samples) == 6 * len(PROMPTS) and len(losses("plain")) == 10 + 2
+    assert losses("tracked") == losses("plain")
+    assert all(torch.equal(a, b) for a, b in zip(tracked.model.parameters(), plain.model.parameters()))
+
+
+def test_sample_tracker_refuses_what_would_not_be_reproducible(char_tokenizer):
+    with pytest.raises(CourseError, match="seed=0"):
+        SampleTracker(char_tokenizer, PROMPTS, every=2, config=GenerationConfig(max_new_tokens=4))
+    with pytest.raises(CourseError, match="every=0"):
+        SampleTracker(char_tokenizer, PROMPTS, every=0)
+    SampleTracker(char_tokenizer, PROMPTS, every=2, config=GenerationConfig(max_new_tokens=4, temperature=0))
