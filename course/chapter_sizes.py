@@ -37,6 +37,14 @@ def as_time(minutes: int) -> str:
     return f"{quarter} min" if quarter < 60 else f"{quarter / 60:g} h"
 
 
+def companion_notebooks(stem: str, chapters) -> list[str]:
+    """Notebooks that are part of chapter `stem` without exporting a module of their own, so without a line in
+    [chapters]: 05b_ablations belongs to 05_gpt."""
+    number = re.match(r"\d+", stem).group()
+    found = sorted(path.stem for path in (ROOT / "nbs").glob(f"{number}[a-z]_*.ipynb"))
+    return [name for name in found if name not in chapters]
+
+
 def chapter_rows() -> list[tuple[str, int, int, int, str]]:
     settings = configparser.ConfigParser()
     settings.read(ROOT / "settings.ini", encoding="utf-8")
@@ -44,10 +52,11 @@ def chapter_rows() -> list[tuple[str, int, int, int, str]]:
     for stem in settings["chapters"]:
         if int(re.match(r"\d+", stem).group()) >= 90:  # tools for instructors and users, not chapters
             continue
-        words, code = notebook_size(ROOT / "nbs" / f"{stem}.ipynb")
-        section = f"exercises.{stem}"
-        points = sum(int(v) for v in settings[section].values()) if settings.has_section(section) else 0
-        rows.append((stem, words, code, points, as_time(study_minutes(words, code, points))))
+        for name in [stem, *companion_notebooks(stem, settings["chapters"])]:
+            words, code = notebook_size(ROOT / "nbs" / f"{name}.ipynb")
+            section = f"exercises.{name}"
+            points = sum(int(v) for v in settings[section].values()) if settings.has_section(section) else 0
+            rows.append((name, words, code, points, as_time(study_minutes(words, code, points))))
     return rows
 
 
