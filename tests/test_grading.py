@@ -605,6 +605,84 @@ def test_real_half_done_submission_scores_in_between(stem, tmp_path):
     assert len(lost) == 1 and report.max_total - report.total == settings.exercise_points[stem][lost.pop()]
 
 
+# A plausible wrong derivation of each chapter's experiment: it must lose that item's points, and only those.
+WRONG_EXPERIMENTS = {
+    "03_lm_basics": ("smoothing_sweep", """
+def smoothing_sweep(train_ids, val_ids, vocab_size, alphas):
+    counts = bigram_counts(train_ids + val_ids, vocab_size).double()  # counts the held-out text too
+    pairs = torch.tensor(val_ids[:-1]), torch.tensor(val_ids[1:])
+    return [-((counts + a) / (counts + a).sum(1, keepdim=True))[pairs].log().mean().item() for a in alphas]
+"""),
+    "04_attention": ("attention_entropy", """
+def attention_entropy(q, k, scaled):
+    scores = q.double() @ k.double().T / (q.shape[-1] if scaled else 1)  # 1/d instead of 1/sqrt(d)
+    weights = torch.softmax(scores, dim=-1)
+    return float(-torch.special.xlogy(weights, weights).sum(-1).mean())
+"""),
+    "05_gpt": ("residual_stream_std", """
+def residual_stream_std(model, idx):
+    with torch.no_grad():
+        x = model.wte(idx)  # forgets the position embeddings
+        stds = [x.std().item()]
+        for block in model.blocks:
+            x = block(x)
+            stds.append(x.std().item())
+    return stds
+"""),
+    "06_generation": ("repetition_experiment", """
+def repetition_experiment(table, penalty, steps, generator):
+    ids = [0]
+    for _ in range(steps):
+        logits = apply_repetition_penalty(table[ids[-1]], torch.tensor(ids[-1:]), penalty)  # the last token only
+        ids.append(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).item())
+    return ids, len(set(zip(ids, ids[1:]))) / steps
+"""),
+    "07_training": ("lr_sweep", """
+def lr_sweep(train_fn, lrs):
+    kept, diverged = [], []
+    for lr in lrs:
+        losses = train_fn(lr)
+        (diverged if not math.isfinite(losses[-1]) or losses[-1] > losses[0] else kept).append(lr)
+    return (max(kept) if kept else None), diverged  # the largest stable lr, not the one with the lowest loss
+"""),
+    "08_memory": ("saved_activation_bytes", """
+def saved_activation_bytes(module, x):
+    parameters = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    sizes = []
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in parameters:
+            sizes.append(t.untyped_storage().nbytes())  # a shared storage counted once per saved tensor
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return sum(sizes)
+"""),
+    "09_distributed": ("data_parallel_gradient_gap", """
+def data_parallel_gradient_gap(model, x, y, shard_sizes, weighted):
+    params = list(model.parameters())
+    full = torch.autograd.grad(F.mse_loss(model(x), y), params)
+    parts = [torch.autograd.grad(F.mse_loss(model(a), b), params) for a, b in zip(x.split(shard_sizes), y.split(shard_sizes))]
+    combined = [sum(g[i] for g in parts) / len(parts) for i in range(len(params))]  # never weighted
+    return max((c - f).abs().max().item() for c, f in zip(combined, full))
+"""),
+}
+
+
+@pytest.mark.parametrize("stem", sorted(WRONG_EXPERIMENTS))
+def test_real_wrong_experiment_loses_its_points(stem, tmp_path):
+    grade_id, wrong_code = WRONG_EXPERIMENTS[stem]
+    settings = load_settings(REPO / "settings.ini")
+    submission = nbformat.read(REPO / "solutions" / f"{stem}.ipynb", as_version=4)
+    answer = next(c for c in submission.cells if exercises.nbgrader_of(c).get("grade_id") == f"{grade_id}_code")
+    answer.source = wrong_code.strip()
+    path = tmp_path / f"{stem}.ipynb"
+    nbformat.write(submission, path)
+    report = grade(path, solutions_dir=REPO / "solutions", settings=settings)
+    lost = {item.grade_id for item in report.items if not item.passed}
+    assert lost == {grade_id}, str(report)
+    assert report.max_total - report.total == settings.exercise_points[stem][grade_id], str(report)
+
+
 @pytest.mark.skipif(shutil.which("bwrap") is None or os.geteuid() != 0,
                     reason="bubblewrap is not installed, or the tests do not run as root (see the README)")
 def test_bubblewrap_confines_when_it_is_installed():

@@ -82,7 +82,7 @@ LEFT_OUT = re.compile(r"^# \(left out on purpose: (?P<names>[\w, ]+)\)$", re.MUL
 SECRET = "attack-tests"
 FULL = {"running_sum": 1, "softmax": 2, "histogram": 2}
 RIGHT_WRONG_MISSING = {"running_sum": 1, "softmax": 0, "histogram": 0}
-COURSE_FULL = {"bigram_counts": 2, "cross_entropy": 3, "bits_per_byte": 2, "sample_next": 2}
+COURSE_FULL = {"bigram_counts": 2, "cross_entropy": 3, "bits_per_byte": 2, "sample_next": 2, "smoothing_sweep": 3}
 CLI = str(Path(sys.executable).parent / "openllm-edu")
 
 
