@@ -24,11 +24,11 @@ from .tokenizer import Tokenizer, load_tokenizer
 
 # %% auto #0
 __all__ = ['NORMS', 'MLPS', 'POSITIONS', 'IGNORE_INDEX', 'PRESETS', 'RENAMED_PRESETS', 'CONFIG_FILE', 'WEIGHTS_FILE',
-           'TOKENIZER_DIR', 'MODEL_TYPE', 'BRIEF_STEPS', 'CACHE_ENV', 'COURSE_MODEL_VERSION', 'REPORT_FILE',
+           'TOKENIZER_DIR', 'MODEL_TYPE', 'BRIEF_RECIPES', 'CACHE_ENV', 'COURSE_MODEL_VERSION', 'REPORT_FILE',
            'check_gpt_config', 'GPTConfig', 'current_preset_name', 'make_norm', 'MLP', 'swiglu', 'SwiGLUMLP', 'Block',
            'first_position', 'GPT', 'param_breakdown', 'estimate_num_params', 'matmul_params', 'flops_per_token',
            'unwrap_model', 'save_pretrained', 'load_pretrained', 'train_briefly', 'CourseData', 'as_profile',
-           'course_data', 'brief_steps', 'course_config', 'course_cache_dir', 'file_lock', 'course_recipe',
+           'course_data', 'brief_recipe', 'course_config', 'course_cache_dir', 'file_lock', 'course_recipe',
            'course_model_dir', 'train_course_model', 'course_model', 'course_model_report']
 
 # %% ../nbs/05_gpt.ipynb #2f3c824e
@@ -458,17 +458,25 @@ def course_data(profile: Profile | str | None = None) -> CourseData:
     return CourseData(tokenizer, train, val, count_utf8_bytes(val_docs))
 
 # %% ../nbs/05_gpt.ipynb #66d2dbee
-BRIEF_STEPS = {"ci": 60, "laptop": 600, "gpu": 2000}  # ~5 s on one core / ~2 min on a laptop / a GPU
+# The course model's recipe for each profile; the text above says why laptop's batch is smaller than its profile's.
+BRIEF_RECIPES = {
+    "ci": dict(steps=60),  # the profile's batch and context: ~5 s on one core
+    "laptop": dict(steps=1200, batch_size=8),  # half the profile's batch, twice the steps: ~425 s of one CPU core
+    "gpu": dict(steps=2000),
+}
 
 
-def brief_steps(profile: Profile) -> int:
-    "How many steps `train_briefly` takes for the course model of `profile` (a profile not listed: laptop's)."
-    return BRIEF_STEPS.get(profile.name, BRIEF_STEPS["laptop"])
+def brief_recipe(profile: Profile) -> dict:
+    """How `train_briefly` trains the course model of `profile` (a profile not listed: laptop's): steps,
+    batch_size, block_size and lr; what a recipe leaves out comes from the profile (lr: 3e-3)."""
+    defaults = dict(batch_size=profile.batch_size, block_size=profile.block_size, lr=3e-3)
+    return {**defaults, **BRIEF_RECIPES.get(profile.name, BRIEF_RECIPES["laptop"])}
 
 
 def course_config(profile: Profile, tokenizer: Tokenizer) -> GPTConfig:
-    "The profile's model preset, sized for `tokenizer` and the profile's context."
-    return GPTConfig.preset(profile.model_preset, vocab_size=tokenizer.vocab_size, block_size=profile.block_size)
+    "The profile's model preset, sized for `tokenizer` and the context the course model is trained on."
+    return GPTConfig.preset(profile.model_preset, vocab_size=tokenizer.vocab_size,
+                            block_size=brief_recipe(profile)["block_size"])
 
 # %% ../nbs/05_gpt.ipynb #6e6696b0
 import contextlib
@@ -482,7 +490,7 @@ from .core import best_device
 from .metrics import evaluate_lm
 
 CACHE_ENV = "OPENLLM_EDU_CACHE"
-COURSE_MODEL_VERSION = 1  # raise it whenever the recipe's code changes: cached course models are then retrained
+COURSE_MODEL_VERSION = 2  # raise it whenever the recipe's code changes: cached course models are then retrained
 REPORT_FILE = "training.json"
 
 
@@ -510,8 +518,8 @@ def file_lock(path: Path):
 def course_recipe(profile: Profile | str | None = None) -> dict:
     "Everything that decides the course model of `profile`: the profile itself, the training recipe, its version."
     profile = as_profile(profile)
-    return dict(version=COURSE_MODEL_VERSION, profile=dataclasses.asdict(profile), steps=brief_steps(profile),
-                lr=3e-3, seed=0, device="cuda" if best_device() == "cuda" else "cpu")
+    return dict(version=COURSE_MODEL_VERSION, profile=dataclasses.asdict(profile), **brief_recipe(profile),
+                seed=0, device="cuda" if best_device() == "cuda" else "cpu")
 
 
 def course_model_dir(profile: Profile | str | None = None) -> Path:
@@ -528,9 +536,9 @@ def train_course_model(profile: Profile | str | None = None) -> tuple[GPT, Token
     data = course_data(profile)
     torch.manual_seed(recipe["seed"])
     model = GPT(course_config(profile, data.tokenizer)).to(recipe["device"])
-    losses = train_briefly(model, data.train, steps=recipe["steps"], batch_size=profile.batch_size,
-                           block_size=profile.block_size, lr=recipe["lr"], seed=recipe["seed"])
-    held_out = evaluate_lm(model, data.val, data.val_bytes, block_size=profile.block_size, batch_size=32)
+    losses = train_briefly(model, data.train, steps=recipe["steps"], batch_size=recipe["batch_size"],
+                           block_size=recipe["block_size"], lr=recipe["lr"], seed=recipe["seed"])
+    held_out = evaluate_lm(model, data.val, data.val_bytes, block_size=recipe["block_size"], batch_size=32)
     uniform_bits = held_out.tokens * math.log2(data.tokenizer.vocab_size) / held_out.bytes
     report = dict(recipe=recipe, losses=losses, held_out=held_out.to_dict(), uniform_bits_per_byte=uniform_bits,
                   seconds=round(time.perf_counter() - start, 1))
@@ -570,7 +578,7 @@ def course_model(profile: Profile | str | None = None) -> tuple[GPT, Tokenizer]:
                 print(f"course model: {folder} is damaged ({reason}); training it again.", file=sys.stderr)
         profile = as_profile(profile)
         print(f"course model: training the {profile.model_preset} model of profile {profile.name} "
-              f"({brief_steps(profile)} steps, once; later calls load it from {folder.parent})", file=sys.stderr)
+              f"({brief_recipe(profile)['steps']} steps, once; later calls load it from {folder.parent})", file=sys.stderr)
         model, tokenizer, report = train_course_model(profile)
         _store_course_model(folder, model, tokenizer, report)
         print(f"course model: trained in {report['seconds']:.0f} s, held out "
