@@ -475,7 +475,10 @@ def test_a_cgroup_caps_memory_without_capping_address_space(tmp_path, settings, 
     cells = honest_with(solution, "import mmap\nreserved = mmap.mmap(-1, 20 * 2**30)",
                         "import numpy\nlazy = numpy.zeros(5 * 2**30, dtype=numpy.uint8)  # calloc: not touched",
                         "hog = b'x' * (3 * 2**30)")
-    report = grade(script(tmp_path, "max_99_toy.py", *cells), solutions_dir=FIXTURE / "solutions", settings=settings)
+    # Touching 2 GiB takes seconds on a slow machine: give the cell time, so that only the memory limit can stop it.
+    limits = dataclasses.replace(settings.grader, cell_timeout_seconds=60, timeout_seconds=120)
+    report = grade(script(tmp_path, "max_99_toy.py", *cells), solutions_dir=FIXTURE / "solutions",
+                   settings=dataclasses.replace(settings, grader=limits))
     assert report.total == 5 and "(cgroup)" in report.isolation, str(report)
     [error] = report.cell_errors
     assert error.startswith("cell 4: killed for using more than the memory limit (2048 MB)") and "skipped" in error

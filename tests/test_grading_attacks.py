@@ -49,6 +49,7 @@ a fixture is filled in by its test (a path of this run).
 import ast
 import base64
 import csv
+import dataclasses
 import io
 import json
 import multiprocessing
@@ -431,7 +432,9 @@ def test_reserved_but_untouched_memory_is_not_counted(tmp_path, toy_settings):
 
 
 def test_allocating_past_the_limit_costs_only_that_cell(tmp_path, toy_settings):
-    report = grade_toy(submission(tmp_path, "allocate_3gb_99_toy.py"), toy_settings)
+    # Touching 2 GiB takes seconds on a slow machine: give the cell time, so that only the memory limit can stop it.
+    limits = dataclasses.replace(toy_settings.grader, cell_timeout_seconds=60, timeout_seconds=120)
+    report = grade_toy(submission(tmp_path, "allocate_3gb_99_toy.py"), dataclasses.replace(toy_settings, grader=limits))
     assert points(report) == FULL, str(report)
     assert len(report.cell_errors) == 1 and report.cell_errors[0].startswith("cell 4"), report.cell_errors
     assert "memory" in report.cell_errors[0].lower()
