@@ -28,8 +28,8 @@ __all__ = ['NORMS', 'MLPS', 'POSITIONS', 'IGNORE_INDEX', 'PRESETS', 'RENAMED_PRE
            'check_gpt_config', 'GPTConfig', 'current_preset_name', 'make_norm', 'MLP', 'swiglu', 'SwiGLUMLP', 'Block',
            'first_position', 'GPT', 'param_breakdown', 'estimate_num_params', 'matmul_params', 'flops_per_token',
            'unwrap_model', 'save_pretrained', 'load_pretrained', 'train_briefly', 'CourseData', 'as_profile',
-           'course_data', 'brief_recipe', 'course_config', 'course_cache_dir', 'file_lock', 'course_recipe',
-           'course_model_dir', 'train_course_model', 'course_model', 'course_model_report']
+           'course_documents', 'course_data', 'brief_recipe', 'course_config', 'course_cache_dir', 'file_lock',
+           'course_recipe', 'course_model_dir', 'train_course_model', 'course_model', 'course_model_report']
 
 # %% ../nbs/05_gpt.ipynb #2f3c824e
 NORMS = ("layernorm", "rmsnorm")
@@ -444,14 +444,21 @@ def as_profile(profile: Profile | str | None) -> Profile:
     return profile if isinstance(profile, Profile) else get_profile(profile)
 
 
-def course_data(profile: Profile | str | None = None) -> CourseData:
-    "The corpus, split, tokenizer and token ids of `profile` (default: the active one), as chapters 01-03 build them."
+def course_documents(profile: Profile | str | None = None) -> tuple[list[str], list[str]]:
+    "The profile's scenes split by document hash: (training, held out). Everything held out is built from the second."
     profile = as_profile(profile)
     documents = shakespeare_documents(max_bytes=profile.corpus_max_bytes or None)
     train_docs, val_docs = hash_split(documents, profile.val_fraction)
     if not val_docs:
         raise CourseError(f"profile {profile.name} leaves no validation documents (val_fraction="
                           f"{profile.val_fraction}); give it a val_fraction such as 0.05 in settings.ini.")
+    return train_docs, val_docs
+
+
+def course_data(profile: Profile | str | None = None) -> CourseData:
+    "The corpus, split, tokenizer and token ids of `profile` (default: the active one), as chapters 01-03 build them."
+    profile = as_profile(profile)
+    train_docs, val_docs = course_documents(profile)
     vocab_size = None if profile.tokenizer == "char" else profile.vocab_size
     tokenizer = train_tokenizer(profile.tokenizer, train_docs, vocab_size)
     train, val = (np.concatenate(list(encode_documents(docs, tokenizer))) for docs in (train_docs, val_docs))
