@@ -287,8 +287,8 @@ MALFORMED = {
     "bad JSON": (f'{GOOD}\n{{"context": "a", "choices": ["b"] "gold": 0}}\n', 2, "not valid JSON"),
     "missing key": (f'{GOOD}\n\n{{"context": "a", "choices": ["b", "c"]}}\n', 3, "has no 'gold'"),
     "gold out of range": (f'{GOOD}\n{{"context": "a", "choices": ["b", "c"], "gold": 2}}\n', 2, "out of range"),
-    "negative gold": (f'{{"context": "a", "choices": ["b", "c"], "gold": -1}}\n', 1, "out of range"),
-    "gold a bool": (f'{{"context": "a", "choices": ["b", "c"], "gold": true}}\n', 1, "out of range"),
+    "negative gold": ('{"context": "a", "choices": ["b", "c"], "gold": -1}\n', 1, "out of range"),
+    "gold a bool": ('{"context": "a", "choices": ["b", "c"], "gold": true}\n', 1, "out of range"),
     "empty choices": (f'{GOOD}\n{{"context": "a", "choices": [], "gold": 0}}\n', 2, "non-empty list"),
     "an empty choice": (f'{GOOD}\n{{"context": "a", "choices": ["b", ""], "gold": 0}}\n', 2, "non-empty strings"),
     "repeated choices": (f'{GOOD}\n{{"context": "a", "choices": ["b", "b"], "gold": 0}}\n', 2, "repeat"),
@@ -395,3 +395,8 @@ def test_bad_names_and_specs_are_refused(tmp_path):
         builtin_spec("cloze", n_choices=1)
     with pytest.raises(CourseError, match="unknown task 'hellaswag'; give one of cloze, speaker, lastword"):
         load_task("hellaswag")
+
+
+def test_evaluate_task_refuses_an_empty_task(memoriser, tokenizer):
+    with pytest.raises(CourseError, match="has no items"):
+        evaluate_task(memoriser, tokenizer, Task("nothing", "choice", (), ""))
