@@ -17,7 +17,7 @@ from statistics import NormalDist
 
 from .core import CourseError, atomic_write_text, check_field_names, is_whole_number
 from .model import as_profile, course_cache_dir, course_documents, file_lock
-from .scoring import Score, loglikelihood
+from .scoring import Score, choose, loglikelihood
 
 # %% auto #0
 __all__ = ['KINDS', 'SPEAKER_LINE', 'TASKS_VERSION', 'BUILTIN_TASKS', 'BUILTIN_SPECS', 'LAST_WORD', 'TASK_BUILDERS',
@@ -26,8 +26,7 @@ __all__ = ['KINDS', 'SPEAKER_LINE', 'TASKS_VERSION', 'BUILTIN_TASKS', 'BUILTIN_S
            'spoken_lines', 'TaskSpec', 'nearest_in_length', 'speech_of', 'cloze_items', 'speaker_candidates',
            'speaker_items', 'lastword_items', 'balanced_choices', 'check_spec', 'build_task', 'write_task_file',
            'json_lines', 'parse_item', 'parse_header', 'read_task_file', 'builtin_spec', 'task_cache_path',
-           'builtin_task', 'load_task', 'wilson_interval', 'TaskResult', 'choice_scores', 'best_choice',
-           'evaluate_task']
+           'builtin_task', 'load_task', 'wilson_interval', 'TaskResult', 'choice_scores', 'evaluate_task']
 
 # %% ../nbs/10_tasks.ipynb #ea5e9f89
 @dataclass(frozen=True)
@@ -450,12 +449,6 @@ def choice_scores(model, tokenizer, items: Sequence[TaskItem], *, batch_size: in
     scores = iter(loglikelihood(model, tokenizer, requests, batch_size=batch_size))
     return [[next(scores) for _ in item.choices] for item in items]
 
-
-def best_choice(scores: Sequence[Score], per_byte: bool = False) -> int:
-    "The index of the most likely choice (by log-probability per UTF-8 byte if `per_byte`); the first on ties."
-    values = [score.logprob / score.n_bytes if per_byte else score.logprob for score in scores]
-    return values.index(max(values))
-
 # %% ../nbs/10_tasks.ipynb #9dd17359
 def evaluate_task(model, tokenizer, task: Task, *, limit: int | None = None, batch_size: int = 16) -> TaskResult:
     "Score `model` on the first `limit` items of `task` (all by default)."
@@ -468,7 +461,7 @@ def evaluate_task(model, tokenizer, task: Task, *, limit: int | None = None, bat
     if task.kind == "greedy":
         correct, norm = [item_scores[item.gold].is_greedy for item, item_scores in zip(items, scores)], None
     else:
-        correct = [best_choice(item_scores) == item.gold for item, item_scores in zip(items, scores)]
-        norm = sum(best_choice(s, per_byte=True) == item.gold for item, s in zip(items, scores)) / len(items)
+        correct = [choose(item_scores) == item.gold for item, item_scores in zip(items, scores)]
+        norm = sum(choose(s, normalize="byte") == item.gold for item, s in zip(items, scores)) / len(items)
     chance, right = replace(task, items=items).chance, sum(correct)
     return TaskResult(task.name, len(items), right / len(items), norm, chance, wilson_interval(right, len(items)))
