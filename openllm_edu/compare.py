@@ -144,7 +144,7 @@ def quality_table(rows: dict[str, GenerationQuality]) -> str:
                                               for v in values))
     return "\n".join(lines)
 
-# %% ../nbs/10_compare.ipynb #c0000018
+# %% ../nbs/10_compare.ipynb #c0000019
 def read_run_metrics(path: Path) -> list[dict]:
     "The rows of a metrics.jsonl file; a damaged line is a CourseError that names it."
     rows = []
@@ -176,7 +176,7 @@ def read_json_object(path: Path) -> dict | None:
         raise CourseError(f"{path} is damaged (not a JSON object); restore it, or delete it to compare without it.")
     return value
 
-# %% ../nbs/10_compare.ipynb #c0000019
+# %% ../nbs/10_compare.ipynb #c000001a
 def run_world_size(run_dir: Path) -> int:
     "How many processes trained the run, as its latest checkpoint records it (1 without checkpoints)."
     from openllm_edu.checkpoint import Checkpointer
@@ -199,7 +199,7 @@ def tokens_per_step(config: dict, world_size: int, path: Path) -> int:
                           "compare with x='step'.")
     return math.prod(sizes) * world_size
 
-# %% ../nbs/10_compare.ipynb #c000001a
+# %% ../nbs/10_compare.ipynb #c000001b
 @dataclass
 class Run:
     "What a run folder holds: the metrics rows, and the config, summary and evaluation report where they exist."
@@ -232,7 +232,7 @@ def read_run(run_dir: str | Path, name: str | None = None) -> Run:
     return Run(name or path.name, path, rows, config, read_json_object(path / "summary.json"),
                read_json_object(path / "report.json"), step_tokens)
 
-# %% ../nbs/10_compare.ipynb #c000001d
+# %% ../nbs/10_compare.ipynb #c000001e
 LOWER_IS_BETTER = ("val/loss", "val/bits_per_byte")
 
 
@@ -258,7 +258,7 @@ def summarize_run(run: Run, metrics: Sequence[str]) -> dict:
         summary["report"][result["task"]] = result["accuracy"]
     return summary
 
-# %% ../nbs/10_compare.ipynb #c000001e
+# %% ../nbs/10_compare.ipynb #c000001f
 def _short_name(metric: str) -> str:
     "val/bits_per_byte -> bits/byte, eval/cloze/accuracy -> cloze acc."
     if metric.startswith("eval/"):
@@ -286,7 +286,7 @@ def format_comparison(summaries: Sequence[dict]) -> str:
         lines.append("  ".join(cells))
     return "\n".join(lines)
 
-# %% ../nbs/10_compare.ipynb #c0000021
+# %% ../nbs/10_compare.ipynb #c0000022
 X_AXES = {"tokens": "tokens seen", "step": "optimizer step"}
 
 
@@ -334,7 +334,7 @@ def plot_runs(runs: Sequence[Run], x: str = "tokens", path: str | Path | None = 
         atomic_write_bytes(path, buffer.getvalue())
     return fig
 
-# %% ../nbs/10_compare.ipynb #c0000024
+# %% ../nbs/10_compare.ipynb #c0000025
 @dataclass
 class RunComparison:
     "What `compare_runs` found: the runs, a summary of each (see `summarize_run`), and the figure."
