@@ -74,6 +74,7 @@ def reference_score(model, tokenizer, context, continuation):
 @pytest.mark.parametrize("which", ["bpe", "char"])
 def test_loglikelihood_equals_one_forward_pass(which, request):
     model, tokenizer = request.getfixturevalue(which)
+    assert len(tokenizer.encode(CASES[3][0])) > model.config.block_size  # the long context really is cut
     scores = loglikelihood(model, tokenizer, CASES)
     assert len(scores) == len(CASES)
     for (context, continuation), score in zip(CASES, scores):
