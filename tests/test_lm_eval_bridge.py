@@ -185,6 +185,7 @@ def test_rolling_loglikelihood_is_our_scorer_and_the_harness_windows(model_and_t
     assert answered[0] == pytest.approx(reference, rel=1e-4)
 
 
+@needs_lm_eval
 def test_generate_until_is_chapter_06_generation(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     lm = CourseLM(model, tokenizer)  # the answers need no harness
@@ -198,10 +199,16 @@ def test_generate_until_is_chapter_06_generation(model_and_tokenizer):
     assert isinstance(answer, str) and "\n\n" not in answer and len(tokenizer.encode(answer)) <= 8
 
 
+@needs_lm_eval
 def test_generation_settings_follow_the_harness():
-    greedy = harness_generation_config({"until": ["\n\n", "Q:"], "max_gen_toks": 32, "temperature": 0.9})
+    "lm-eval 0.4.13's rules: greedy unless do_sample, or a temperature above 0 without do_sample; token aliases."
+    greedy = harness_generation_config({"until": ["\n\n", "Q:"], "max_gen_toks": 32, "do_sample": False,
+                                        "temperature": 0.9})
     assert (greedy.temperature, greedy.max_new_tokens, greedy.stop_strings) == (0.0, 32, ("\n\n", "Q:"))
-    assert harness_generation_config({}).max_new_tokens == 256 and harness_generation_config({}).stop_strings == ()
+    default = harness_generation_config({})
+    assert (default.temperature, default.max_new_tokens, default.stop_strings) == (0.0, 256, ())
+    assert harness_generation_config({"max_new_tokens": 9, "until": "\n"}).max_new_tokens == 9
+    assert harness_generation_config({"temperature": 0.8}).temperature == 0.8
     sampled = harness_generation_config({"do_sample": True, "temperature": 0.7, "top_p": 0.9, "until": "\n"})
     assert (sampled.temperature, sampled.top_p, sampled.stop_strings) == (0.7, 0.9, ("\n",))
     with pytest.raises(CourseError, match="num_beams"):
