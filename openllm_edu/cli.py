@@ -17,7 +17,7 @@ from .train_commands import add_train_commands, cmd_run, cmd_train, launch_failu
 # %% auto #0
 __all__ = ['CLI_WORKER', 'HANDLERS', 'build_parser', 'cmd_doctor', 'cmd_tokenizer_train', 'cmd_data_prepare',
            'cmd_bench_tokenizer', 'cmd_bench_model', 'cmd_bench_train', 'cmd_bench_distributed', 'cmd_generate',
-           'cmd_instructor_release', 'cmd_grade', 'cli_program', 'cmd_launch', 'main']
+           'cmd_compare', 'cmd_instructor_release', 'cmd_grade', 'cli_program', 'cmd_launch', 'main']
 
 # %% ../nbs/98_cli.ipynb #2a6ba9f3
 def _add_corpus(parser: argparse.ArgumentParser, flag: str, help_verb: str) -> None:
@@ -109,6 +109,16 @@ def _add_generate(commands) -> None:
     generate.add_argument("--seed", type=int, default=None, help="same seed, same text")
 
 
+def _add_compare(commands) -> None:
+    "`compare`: several runs side by side."
+    compare = commands.add_parser("compare", help="compare training runs: a table of held-out numbers, one figure")
+    compare.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (written by train)")
+    compare.add_argument("--out", metavar="FIG.png", help="write the curves to this PNG file")
+    compare.add_argument("--x", choices=("tokens", "step"), default="tokens",
+                         help="x axis of the curves: tokens seen (default) or optimizer step")
+    compare.add_argument("--json", action="store_true", help="print the table as JSON")
+
+
 def _add_instructor_commands(commands) -> None:
     "`instructor release` and `grade`."
     instructor = commands.add_parser("instructor", help="instructor tools").add_subparsers(dest="action", required=True)
@@ -135,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("doctor", help="check Python, packages, device and memory")
     add_train_commands(commands)  # train and run (97)
-    for add in (_add_launch, _add_data_commands, _add_bench_commands, _add_generate, _add_instructor_commands):
+    for add in (_add_launch, _add_data_commands, _add_bench_commands, _add_generate, _add_compare,
+                _add_instructor_commands):
         add(commands)
     return parser
 
@@ -249,6 +260,22 @@ def cmd_generate(args) -> int:
     return 0
 
 
+
+def cmd_compare(args) -> int:
+    import json
+
+    import matplotlib.pyplot as plt
+
+    from openllm_edu.compare import compare_runs
+
+    comparison = compare_runs(args.runs, x=args.x, path=args.out)
+    plt.close(comparison.figure)
+    print(json.dumps(comparison.to_dict(), indent=2) if args.json else comparison)
+    if args.out and not args.json:
+        print(f"curves: {args.out}")
+    return 0
+
+
 def _course_dir(name: str, given: str | None) -> Path:
     return Path(given) if given else load_settings().path.parent / name
 
@@ -327,6 +354,7 @@ HANDLERS = {
     ("tokenizer", "train"): cmd_tokenizer_train, ("bench", "tokenizer"): cmd_bench_tokenizer,
     ("bench", "model"): cmd_bench_model, ("bench", "train"): cmd_bench_train,
     ("bench", "distributed"): cmd_bench_distributed, ("generate", None): cmd_generate,
+    ("compare", None): cmd_compare,
     ("instructor", "release"): cmd_instructor_release, ("grade", None): cmd_grade,
 }
 

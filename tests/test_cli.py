@@ -453,3 +453,54 @@ def test_a_rank_killed_under_launch_is_one_line_with_the_resume_command(trained_
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: rank 1 was killed by SIGKILL"), done.stderr
     assert f"openllm-edu launch --nproc-per-node 2 train --resume {run}" in lines[0]
+
+
+# --- chapter 10: compare -------------------------------------------------------------------------------------
+
+def write_run_folder(folder, val_losses, batch_size=4):
+    "A run folder as the Trainer leaves it: metrics.jsonl with a validation row every 10 steps, and config.json."
+    folder.mkdir(parents=True)
+    rows = [{"step": 10 * (i + 1), "val/loss": loss, "val/bits_per_byte": loss / 2} for i, loss in enumerate(val_losses)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (folder / "config.json").write_text(json.dumps({"grad_accum": 1, "batch_size": batch_size, "block_size": 32}))
+    return folder
+
+
+def test_compare_prints_final_and_best_and_draws_the_curves(tmp_path):
+    from openllm_edu.compare import compare_runs
+
+    a = write_run_folder(tmp_path / "lr-high", [3.0, 2.5, 2.75])
+    b = write_run_folder(tmp_path / "lr-low", [3.5, 3.25], batch_size=8)
+    done = openllm_edu("compare", a, b, "--out", tmp_path / "curves.png")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[1].split()[:3] == ["lr-high", "30", "3,840"] and "2.7500 / 2.5000" in lines[1]  # 30 steps x 4 x 32
+    assert lines[2].split()[:3] == ["lr-low", "20", "5,120"] and "3.2500 / 3.2500" in lines[2]
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    done = openllm_edu("compare", a, b, "--json", "--x", "step")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == json.loads(json.dumps(compare_runs([a, b], x="step").to_dict()))
+
+
+def test_compare_a_trained_run_agrees_with_its_summary(trained_run):
+    out, _ = trained_run
+    done = openllm_edu("compare", out, "--json")
+    assert done.returncode == 0, done.stderr
+    [run] = json.loads(done.stdout)["runs"]
+    summary = json.loads((out / "summary.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    assert run["best"]["val/loss"] == summary["best_val_loss"] and run["steps"] == summary["steps"]
+    assert run["tokens"] == summary["steps"] * config["batch_size"] * config["block_size"] * config["grad_accum"]
+
+
+def test_compare_bad_input_is_one_line(tmp_path):
+    good = write_run_folder(tmp_path / "good", [3.0])
+    torn = write_run_folder(tmp_path / "torn", [3.0, 2.0])
+    with open(torn / "metrics.jsonl", "a") as f:
+        f.write('{"step": 30, "val/lo\n')
+    (tmp_path / "not-a-run").mkdir()
+    assert_clean_error(openllm_edu("compare", good, tmp_path / "missing"), "missing")
+    assert_clean_error(openllm_edu("compare", good, tmp_path / "not-a-run"), "metrics.jsonl")
+    assert_clean_error(openllm_edu("compare", good, torn), "line 3")
+    assert_clean_error(openllm_edu("compare"), "RUN_DIR")
+    assert_clean_error(openllm_edu("compare", good, "--x", "time"), "--x")
