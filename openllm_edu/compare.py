@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
 from collections.abc import Sequence
@@ -13,15 +12,18 @@ from pathlib import Path
 
 import torch
 
-from .core import CourseError, atomic_write_bytes
+from .core import CourseError, is_whole_number
 from .generate import GenerationConfig, generate_tokens
+from .loggers import save_figure
+from .scoring import evaluating, rolling_windows, score_rows
+from .tasks import Task, TaskResult, evaluate_task
 
 # %% auto #0
 __all__ = ['QUALITY_PROMPTS', 'LOWER_IS_BETTER', 'X_AXES', 'ngrams', 'distinct_n', 'repetition_rate', 'Generation',
-           'check_reproducible', 'generate_one', 'generate_samples', 'GenerationQuality', 'generation_quality',
-           'quality_table', 'read_run_metrics', 'read_json_object', 'run_world_size', 'tokens_per_step', 'Run',
-           'read_run', 'held_out_metrics', 'summarize_run', 'format_comparison', 'plot_runs', 'RunComparison',
-           'compare_runs']
+           'check_reproducible', 'generate_one', 'generate_samples', 'sample_rows', 'self_perplexity',
+           'GenerationQuality', 'generation_quality', 'quality_table', 'read_run_metrics', 'read_json_object',
+           'run_world_size', 'tokens_per_step', 'Run', 'read_run', 'held_out_metrics', 'summarize_run',
+           'format_comparison', 'plot_runs', 'RunComparison', 'compare_runs', 'tracking_metrics', 'EvalTracker']
 
 # %% ../nbs/10_compare.ipynb #7bd9f870
 def _check_n(n: int) -> None:
@@ -60,6 +62,7 @@ class Generation:
     text: str
     token_ids: tuple[int, ...]
     ended_at_eos: bool
+    prompt_ids: tuple[int, ...] = ()  # what the model read first: the prompt's ids, or [eos_id] for an empty prompt
 
 
 def check_reproducible(config: GenerationConfig) -> None:
@@ -80,7 +83,7 @@ def generate_one(model, tokenizer, prompt: str, config: GenerationConfig) -> Gen
     ended = eos_id is not None and ids[-1:] == [eos_id]
     ids = ids[:-1] if ended else ids
     text = tokenizer.decode(prompt_ids + ids)[len(tokenizer.decode(prompt_ids)):]
-    return Generation(prompt, text, tuple(ids), ended)
+    return Generation(prompt, text, tuple(ids), ended, tuple(prompt_ids))
 
 
 def generate_samples(model, tokenizer, prompts: Sequence[str], config: GenerationConfig,
@@ -100,6 +103,35 @@ def generate_samples(model, tokenizer, prompts: Sequence[str], config: Generatio
             samples.append(generate_one(model, tokenizer, prompt, dataclasses.replace(config, seed=seed)))
     return samples
 
+# %% ../nbs/10_compare.ipynb #8932df83
+def sample_rows(sample: Generation, block_size: int) -> list[tuple[list[int], int]]:
+    """Rows for `score_rows` that predict each generated token of `sample` once, from the context generation gave
+    it: the prompt and the tokens before it, at most the last `block_size` (windows one token apart past that)."""
+    if not sample.token_ids:
+        return []
+    if not sample.prompt_ids:
+        raise CourseError("this sample does not know its prompt's token ids; make samples with generate_samples.")
+    ids, first = [*sample.prompt_ids, *sample.token_ids], len(sample.prompt_ids)  # first: the first generated index
+    rows = []
+    for begin, end, new in rolling_windows(len(ids), block_size, stride=1):
+        scored = min(new, end - first + 1)  # of the window's new predictions, those of generated tokens
+        if scored > 0:
+            rows.append((ids[begin:end + 1], scored))
+    return rows
+
+
+def self_perplexity(model, samples: Sequence[Generation], batch_size: int = 16) -> float:
+    """exp of the mean negative log-likelihood per generated token, pooled over `samples`, under `model` at
+    temperature 1. Samples without tokens count for nothing; NaN when no sample has any."""
+    if not is_whole_number(batch_size):
+        raise CourseError(f"batch_size must be a whole number >= 1, got {batch_size!r}.")
+    rows = [row for sample in samples for row in sample_rows(sample, model.config.block_size)]
+    if not rows:
+        return math.nan
+    with evaluating(model):
+        scored = score_rows(model, rows, batch_size)
+    return math.exp(-torch.cat([logprobs for logprobs, _ in scored]).double().mean().item())
+
 # %% ../nbs/10_compare.ipynb #3d6f70cb
 QUALITY_PROMPTS = ("ROMEO:\n", "First Citizen:\n", "HAMLET:\n", "KING HENRY V:\n", "QUEEN MARGARET:\n",
                    "To be, or not", "My lord, ", "What say you")
@@ -116,13 +148,14 @@ class GenerationQuality:
     repeated_4grams: float  # repetition_rate of the token ids, n = 4
     mean_tokens: float
     eos_fraction: float  # samples that ended at the end-of-text token, not at max_new_tokens
+    self_perplexity: float = math.nan  # under the model that wrote them; NaN without it
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def generation_quality(samples: Sequence[Generation]) -> GenerationQuality:
-    "The numbers of a set of samples."
+def generation_quality(samples: Sequence[Generation], model=None, batch_size: int = 16) -> GenerationQuality:
+    "The numbers of a set of samples; their self-perplexity too when `model` (the one that wrote them) is given."
     if not samples:
         raise CourseError("no samples to measure; generate some first (generate_samples).")
     tokens = [sample.token_ids for sample in samples]
@@ -131,7 +164,8 @@ def generation_quality(samples: Sequence[Generation]) -> GenerationQuality:
         samples=len(samples), distinct_1_tokens=distinct_n(tokens, 1), distinct_2_tokens=distinct_n(tokens, 2),
         distinct_1_words=distinct_n(words, 1), distinct_2_words=distinct_n(words, 2),
         repeated_4grams=repetition_rate(tokens, 4), mean_tokens=sum(map(len, tokens)) / len(tokens),
-        eos_fraction=sum(sample.ended_at_eos for sample in samples) / len(samples))
+        eos_fraction=sum(sample.ended_at_eos for sample in samples) / len(samples),
+        self_perplexity=math.nan if model is None else self_perplexity(model, samples, batch_size))
 
 # %% ../nbs/10_compare.ipynb #4e719cdf
 def quality_table(rows: dict[str, GenerationQuality]) -> str:
@@ -329,9 +363,7 @@ def plot_runs(runs: Sequence[Run], x: str = "tokens", path: str | Path | None = 
         ax.legend(fontsize=7)
     fig.tight_layout()
     if path is not None:
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=120)
-        atomic_write_bytes(path, buffer.getvalue())
+        save_figure(fig, path)
     return fig
 
 # %% ../nbs/10_compare.ipynb #5d8c21b2
@@ -370,3 +402,51 @@ def compare_runs(run_dirs: Sequence[str | Path], x: str = "tokens", path: str | 
                           "x='step' (--x step).")
     metrics = held_out_metrics(runs)
     return RunComparison(runs, [summarize_run(run, metrics) for run in runs], plot_runs(runs, x, path), x)
+
+# %% ../nbs/10_compare.ipynb #bb43ffe2
+def tracking_metrics(results: Sequence[TaskResult], quality: GenerationQuality) -> dict[str, float]:
+    """`eval/<task>/accuracy` (and `accuracy_norm`, `chance`) of each task, and `samples/...` of the samples, as
+    one metrics row; a NaN (nothing to measure) is left out."""
+    metrics = {}
+    for result in results:
+        metrics[f"eval/{result.task}/accuracy"] = result.accuracy
+        if result.accuracy_norm is not None:
+            metrics[f"eval/{result.task}/accuracy_norm"] = result.accuracy_norm
+        metrics[f"eval/{result.task}/chance"] = result.chance
+    metrics["samples/distinct_2_tokens"] = quality.distinct_2_tokens
+    metrics["samples/repeated_4grams"] = quality.repeated_4grams
+    metrics["samples/self_perplexity"] = quality.self_perplexity
+    return {name: value for name, value in metrics.items() if not math.isnan(value)}
+
+# %% ../nbs/10_compare.ipynb #dba8b89a
+class EvalTracker:
+    """A callback for chapter 07's Trainer: every `every` steps, and at the last, the main process measures the
+    model on `tasks` (the first `limit` items of each) and on seeded samples after `prompts`, and logs one row."""
+
+    def __init__(self, tokenizer, tasks: Sequence[Task], every: int, *, limit: int | None = 100, batch_size: int = 16,
+                 prompts: Sequence[str] = QUALITY_PROMPTS, config: GenerationConfig | None = None):
+        if not is_whole_number(every):
+            raise CourseError(f"every={every!r} must be a whole number of steps >= 1, e.g. every=100.")
+        if limit is not None and not is_whole_number(limit):
+            raise CourseError(f"limit={limit!r} must be a whole number of items >= 1, or None for every item.")
+        self.config = config if config is not None else GenerationConfig(max_new_tokens=32, seed=0)
+        check_reproducible(self.config)
+        self.tokenizer, self.tasks, self.every, self.limit = tokenizer, list(tasks), every, limit
+        self.batch_size, self.prompts = batch_size, list(prompts)
+
+    def measure(self, model) -> dict[str, float]:
+        "The row for `model` as it is now; the model's mode and the global random state come back unchanged."
+        device = next(model.parameters()).device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            results = [evaluate_task(model, self.tokenizer, task, limit=self.limit, batch_size=self.batch_size)
+                       for task in self.tasks]
+            samples = generate_samples(model, self.tokenizer, self.prompts, self.config)
+            quality = generation_quality(samples, model, self.batch_size)
+        return tracking_metrics(results, quality)
+
+    def due(self, trainer) -> bool:
+        return trainer.step % self.every == 0 or trainer.step == trainer.config.max_steps
+
+    def __call__(self, trainer) -> None:
+        if trainer.strategy.is_main and self.due(trainer):
+            trainer.log(self.measure(trainer.model))

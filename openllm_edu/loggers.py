@@ -3,18 +3,17 @@
 # %% ../nbs/07_logging.ipynb #cf34a27a
 from __future__ import annotations
 
-import io
 import json
 import warnings
 from pathlib import Path
 
-from .core import CourseError, atomic_write_bytes, atomic_write_text
+from .core import CourseError, atomic_open, atomic_write_text
 from .train_config import TrainConfig
 
 
 # %% auto #0
 __all__ = ['read_metrics', 'JSONLinesLogger', 'TensorBoardLogger', 'WandbLogger', 'tensorboard_available', 'in_notebook',
-           'LiveDashboard', 'plot_training', 'default_loggers']
+           'LiveDashboard', 'save_figure', 'plot_training', 'default_loggers']
 
 # %% ../nbs/07_logging.ipynb #616273f9
 def _metrics_row(line: str) -> dict | None:
@@ -162,6 +161,13 @@ class LiveDashboard:
             self.draw()
 
 # %% ../nbs/07_logging.ipynb #61d8b755
+def save_figure(figure, path: str | Path) -> Path:
+    "`figure` as a PNG at `path`, written atomically: a reader (or a killed run) never sees half a picture."
+    with atomic_open(path) as f:
+        figure.savefig(f, format="png", dpi=120)
+    return Path(path)
+
+
 def plot_training(rows: list[dict], path: str | Path | None = None):
     "Loss (train and validation) and learning rate against the step, from `read_metrics` rows; saved as PNG if `path`."
     import matplotlib.pyplot as plt
@@ -176,9 +182,7 @@ def plot_training(rows: list[dict], path: str | Path | None = None):
     right.set(xlabel="step", ylabel="learning rate", title="schedule")
     fig.tight_layout()
     if path is not None:
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=120)
-        atomic_write_bytes(path, buffer.getvalue())
+        save_figure(fig, path)
     return fig
 
 # %% ../nbs/07_logging.ipynb #4f2ce327
