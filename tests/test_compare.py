@@ -7,12 +7,14 @@ from collections import Counter
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from openllm_edu.compare import (
     QUALITY_PROMPTS,
     Generation,
+    GenerationQuality,
     compare_runs,
     distinct_n,
     format_comparison,
@@ -20,8 +22,10 @@ from openllm_edu.compare import (
     generation_quality,
     ngrams,
     plot_runs,
+    quality_table,
     read_run,
     repetition_rate,
+    self_perplexity,
 )
 from openllm_edu.core import CourseError
 from openllm_edu.generate import GenerationConfig, generate_text
@@ -153,6 +157,92 @@ def test_samples_bad_input(course):
         generate_samples(model, tokenizer, ["a"], GenerationConfig(5, seed=0), samples_per_prompt=0)
     with pytest.raises(CourseError, match="no samples"):
         generation_quality([])
+
+
+# --- self-perplexity: the samples under the model that wrote them --------------------------------------------
+
+def slow_self_perplexity(model, samples):
+    "Each generated token by its own forward pass over the last block_size ids before it: what generation read."
+    block, nll, count = model.config.block_size, 0.0, 0
+    with torch.no_grad():
+        for sample in samples:
+            ids = [*sample.prompt_ids, *sample.token_ids]
+            for j in range(len(sample.prompt_ids), len(ids)):
+                logits, _ = model(torch.tensor([ids[max(0, j - block):j]]))
+                nll += F.cross_entropy(logits[0, -1:].double(), torch.tensor([ids[j]])).item()
+                count += 1
+    return math.exp(nll / count)
+
+
+def test_self_perplexity_equals_cross_entropy_of_each_sample(course):
+    model, tokenizer = course
+    samples = generate_samples(model, tokenizer, QUALITY_PROMPTS[:4], GenerationConfig(16, seed=2), samples_per_prompt=2)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for sample in samples:  # short samples: one forward of prompt + sample, PyTorch's cross-entropy on the tail
+            ids, n = torch.tensor([sample.prompt_ids + sample.token_ids]), len(sample.token_ids)
+            logits, _ = model(ids[:, :-1])
+            nll += F.cross_entropy(logits[0, -n:].double(), ids[0, -n:], reduction="sum").item()
+            count += n
+    assert self_perplexity(model, samples, batch_size=3) == pytest.approx(math.exp(nll / count), rel=1e-5)
+    quality = generation_quality(samples, model)
+    assert quality.self_perplexity == pytest.approx(math.exp(nll / count), rel=1e-5)
+    assert math.isnan(generation_quality(samples).self_perplexity), "no model, no self-perplexity"
+
+
+def test_samples_longer_than_the_context_are_read_as_generation_read_them(course):
+    model, tokenizer = course
+    long = model.config.block_size + 20
+    samples = generate_samples(model, tokenizer, ["ROMEO:\n", ""], GenerationConfig(long, seed=4, stop_at_eos=False))
+    assert all(len(s.prompt_ids) + len(s.token_ids) > model.config.block_size + 1 for s in samples)
+    assert self_perplexity(model, samples) == pytest.approx(slow_self_perplexity(model, samples), rel=1e-5)
+
+
+def test_greedy_samples_have_a_lower_self_perplexity(course):
+    model, tokenizer = course
+    greedy = generate_samples(model, tokenizer, QUALITY_PROMPTS, GenerationConfig(40, temperature=0))
+    sampled = generate_samples(model, tokenizer, QUALITY_PROMPTS, GenerationConfig(40, temperature=1.0, seed=0))
+    assert self_perplexity(model, greedy) < self_perplexity(model, sampled)
+
+
+def constant_model(tokenizer, logits: torch.Tensor) -> GPT:
+    "A GPT whose next-token logits are `logits` after every context: its probabilities are known by hand."
+    model = eos_model(tokenizer, 0.0)
+    with torch.no_grad():
+        model.lm_head.weight[:, 0] = logits
+    return model
+
+
+def test_self_perplexity_by_hand_on_a_model_that_ignores_its_context(course):
+    _, tokenizer = course
+    torch.manual_seed(1)
+    logits = torch.randn(tokenizer.vocab_size, dtype=torch.float64)
+    logits[tokenizer.eos_id] = -30.0  # samples run to max_new_tokens
+    model = constant_model(tokenizer, logits.float())
+    log_p = torch.log_softmax(logits.float().double(), dim=0)
+    greedy = generate_samples(model, tokenizer, ["a", "b"], GenerationConfig(9, temperature=0))
+    # greedy takes the most likely id every time: each token has probability max p, perplexity 1 / max p
+    assert self_perplexity(model, greedy) == pytest.approx(math.exp(-log_p.max().item()), rel=1e-5)
+    sampled = generate_samples(model, tokenizer, ["a", "b"], GenerationConfig(9, temperature=0.5, seed=3))
+    ids = [t for s in sampled for t in s.token_ids]
+    by_hand = math.exp(-sum(log_p[t].item() for t in ids) / len(ids))  # at temperature 1, whatever wrote them
+    assert self_perplexity(model, sampled) == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_empty_samples_count_for_nothing(course):
+    model, tokenizer = course
+    stops = generate_samples(eos_model(tokenizer, 50.0), tokenizer, ["x", "y"], GenerationConfig(5, seed=0))
+    assert all(s.token_ids == () for s in stops)
+    assert math.isnan(self_perplexity(model, stops))
+    quality = generation_quality(stops, model)
+    assert math.isnan(quality.self_perplexity) and "—" in quality_table({"stops": quality}).splitlines()[1]
+    written = generate_samples(model, tokenizer, ["x"], GenerationConfig(6, seed=0))
+    assert self_perplexity(model, stops + written) == self_perplexity(model, written)
+    with pytest.raises(CourseError, match="prompt's token ids"):
+        self_perplexity(model, [Generation("p", "ab", (1, 2), False)])
+    with pytest.raises(CourseError, match="batch_size"):
+        self_perplexity(model, written, batch_size=0)
+    assert math.isnan(GenerationQuality(1, *[0.0] * 7).self_perplexity)
 
 
 # --- comparing runs ------------------------------------------------------------------------------------------
