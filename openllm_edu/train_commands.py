@@ -16,11 +16,15 @@ if TYPE_CHECKING:  # only for annotations: the commands import the library when 
     from openllm_edu.train_config import TrainConfig
 
 # %% auto #0
-__all__ = ['PROFILE_TRAINING', 'CHAR_BASELINE', 'SAMPLE_PROMPTS', 'add_train_commands', 'run_folder', 'Recipe', 'main_job_recipe',
-           'prepare_main_data', 'run_main_job', 'write_samples', 'best_evaluation', 'finish_run', 'train_main_job',
-           'cmd_train', 'cmd_run', 'launch_failure']
+__all__ = ['TRACK_LIMIT', 'PROFILE_TRAINING', 'CHAR_BASELINE', 'SAMPLE_PROMPTS', 'add_train_commands', 'run_folder', 'Recipe',
+           'main_job_recipe', 'prepare_main_data', 'run_main_job', 'write_samples', 'best_evaluation', 'finish_run',
+           'tracked_tasks', 'check_tracking', 'eval_tracker', 'train_main_job', 'cmd_train', 'cmd_run',
+           'launch_failure']
 
 # %% ../nbs/97_train_commands.ipynb #0a826902
+TRACK_LIMIT = 100  # items per tracked task: a 95 % interval about ±0.1 wide, a few seconds per task on a CPU
+
+
 def add_train_commands(commands) -> None:
     "The `train` and `run` sub-commands, on the CLI's sub-parsers."
     train = commands.add_parser("train", help="the main job: train a GPT on the default corpus (or --config's data)")
@@ -34,6 +38,11 @@ def add_train_commands(commands) -> None:
     train.add_argument("--compile", action="store_true", help="torch.compile the model")
     train.add_argument("--memory-budget-mb", type=float, help="halve the micro-batch while the estimated peak is above this")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--track-tasks", metavar="NAMES", help="evaluate on these tasks while training: built-in "
+                       "names (cloze, speaker, lastword) or .jsonl task files, comma-separated")
+    train.add_argument("--track-every", type=int, metavar="N", help="steps between them (default: the run's eval_every)")
+    train.add_argument("--track-limit", type=int, default=TRACK_LIMIT, metavar="N",
+                       help=f"items of each task (default: {TRACK_LIMIT})")
 
     run = commands.add_parser("run", help="only the data of the main job: tokenizer and token files")
     run.add_argument("--out", default="runs/main", help="output folder (default: runs/main)")
@@ -185,12 +194,43 @@ def finish_run(trainer, sample_tokens: int = 200) -> dict:
                "tokens_per_s": statistics.median(speeds) if speeds else None}
     return summary
 
+# %% ../nbs/97_train_commands.ipynb #3f941923
+def tracked_tasks(names: str | list[str] | None, profile) -> list:
+    "The tasks of --track-tasks: built-in names or .jsonl paths, comma-separated (or a list); [] for none."
+    from openllm_edu.tasks import load_task
+    if names is None:
+        return []
+    names = [name.strip() for name in (names.split(",") if isinstance(names, str) else names)]
+    if not all(names):
+        raise CourseError("--track-tasks has an empty name; separate task names by single commas, e.g. cloze,speaker.")
+    return [load_task(name, profile) for name in names]
+
+
+def check_tracking(every: int | None, limit: int | None) -> None:
+    for flag, value in (("--track-every", every), ("--track-limit", limit)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise CourseError(f"{flag} {value!r}: give a whole number >= 1.")
+
+
+def eval_tracker(tasks: list, config: TrainConfig, every: int | None, limit: int | None):
+    "The run's EvalTracker (None without tasks): every `every` steps, by default at each of the run's evaluations."
+    if not tasks:
+        return None
+    from openllm_edu.compare import EvalTracker
+    tokenizer = _tokenizer_for(config)
+    if tokenizer is None:
+        raise CourseError(f"--track-tasks needs the tokenizer of the run's data, and {Path(config.data_dir).parent}"
+                          " has no tokenizer/ folder; train on data `openllm-edu run` prepared, or drop --track-tasks.")
+    return EvalTracker(tokenizer, tasks, every or config.eval_every or config.max_steps, limit=limit)
+
 # %% ../nbs/97_train_commands.ipynb #ec285909
 def train_main_job(preset: str | None = None, profile_name: str | None = None, out_dir: str | Path | None = None,
-                   config_file: str | None = None, resume: str | Path | None = None, **overrides) -> dict:
+                   config_file: str | None = None, resume: str | Path | None = None, track_tasks=None,
+                   track_every: int | None = None, track_limit: int | None = TRACK_LIMIT, **overrides) -> dict:
     """`openllm-edu train`: prepare data and tokenizer if missing, train, evaluate, checkpoint, and write
     runs/<name>/ (model/, checkpoints/, metrics.jsonl, loss.png, samples.txt, summary.json). Under torchrun
-    every rank trains and rank 0 writes and returns the summary; the other ranks return None."""
+    every rank trains and rank 0 writes and returns the summary; the other ranks return None. `track_tasks`
+    (names or paths) are evaluated every `track_every` steps on `track_limit` items each (see `eval_tracker`)."""
     from openllm_edu.checkpoint import Checkpointer
     from openllm_edu.core import resolve_device, resolve_precision
     from openllm_edu.distributed import DataParallel, destroy_distributed
@@ -199,6 +239,8 @@ def train_main_job(preset: str | None = None, profile_name: str | None = None, o
     from openllm_edu.trainer import Trainer
     profile = get_profile(profile_name)
     start = time.perf_counter()
+    check_tracking(track_every, track_limit)
+    tasks = tracked_tasks(track_tasks, profile)  # a wrong name stops here, before any work
     if resume is not None:
         checkpoint = Checkpointer.find(resume)
         state = Checkpointer.load(checkpoint)
@@ -216,7 +258,9 @@ def train_main_job(preset: str | None = None, profile_name: str | None = None, o
             print(f"preparing the default corpus and a {recipe.tokenizer} tokenizer in {out} ...", flush=True)
             prepare_main_data(out, recipe.tokenizer, recipe.vocab_size, profile)
         strategy.barrier()
-    trainer = Trainer.from_config(config, strategy=strategy, step_wrappers=[oom_back_off(config.memory_budget_mb)])
+    tracker = eval_tracker(tasks, config, track_every, track_limit)
+    trainer = Trainer.from_config(config, strategy=strategy, step_wrappers=[oom_back_off(config.memory_budget_mb)],
+                                  callbacks=[tracker] if tracker is not None else [])
     if resume is not None:
         trainer.load_state_dict(state)
     try:
@@ -225,6 +269,7 @@ def train_main_job(preset: str | None = None, profile_name: str | None = None, o
             return None
         summary = finish_run(trainer)
         summary["seconds"] = time.perf_counter() - start
+        summary["tracked_tasks"] = [task.name for task in tasks]
         atomic_write_text(Path(summary["out_dir"]) / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
     finally:
@@ -239,7 +284,8 @@ def cmd_train(args) -> int:
                  memory_budget_mb=args.memory_budget_mb, compile=args.compile or None,
                  progress=False if args.no_progress else None)
     overrides = {name: value for name, value in flags.items() if value is not None}
-    summary = train_main_job(args.preset, args.profile, args.out, args.config, args.resume, **overrides)
+    summary = train_main_job(args.preset, args.profile, args.out, args.config, args.resume, track_tasks=args.track_tasks,
+                             track_every=args.track_every, track_limit=args.track_limit, **overrides)
     if summary is None:  # a rank other than 0: rank 0 reports
         return 0
     out = summary["out_dir"]
@@ -250,6 +296,9 @@ def cmd_train(args) -> int:
               f"{summary['best_val_bits_per_byte']:.4f} bits/byte")
     print(f"files:    {out}/model (openllm-edu generate --checkpoint {out}/model --prompt ...), checkpoints/, "
           "metrics.jsonl, loss.png, samples.txt, summary.json")
+    if summary["tracked_tasks"]:
+        print(f"tracked:  {', '.join(summary['tracked_tasks'])} in metrics.jsonl (eval/<task>/accuracy): "
+              f"openllm-edu compare {out} --out curves.png")
     return 0
 
 

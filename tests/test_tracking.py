@@ -123,3 +123,69 @@ def test_bad_tracker_arguments_are_course_errors(prepared, tasks):
         EvalTracker(tokenizer, tasks, 2, limit=0)
     with pytest.raises(CourseError, match="reproducible"):
         EvalTracker(tokenizer, tasks, 2, config=GenerationConfig(max_new_tokens=4))
+
+
+# --- openllm-edu train --track-tasks -------------------------------------------------------------------------
+
+CLI = str(Path(sys.executable).parent / "openllm-edu")
+
+
+def openllm_edu(*args):
+    environment = {**os.environ, "OPENLLM_EDU_PROFILE": "ci"}
+    return subprocess.run([CLI, *map(str, args)], capture_output=True, text=True, env=environment, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def run_config(prepared, tmp_path_factory):
+    "A config file for a run of a few seconds: the prepared data, its tokenizer beside it, a small model."
+    data_dir, tokenizer = prepared
+    tokenizer.save(data_dir.parent / "tokenizer")
+    path = tmp_path_factory.mktemp("tracking-config") / "run.json"
+    path.write_text(json.dumps(dict(data_dir=str(data_dir), model_overrides=dict(n_layer=1, n_head=2, n_embd=32),
+                                    block_size=80, batch_size=4, eval_every=3, eval_tokens=256, precision="fp32")))
+    return path
+
+
+def test_train_tracks_the_tasks_it_is_given(run_config, tmp_path):
+    done = openllm_edu("train", "--config", run_config, "--out", tmp_path / "run", "--max-steps", 5, "--no-progress",
+                       "--track-tasks", "speaker,lastword", "--track-every", 2, "--track-limit", 5)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [row for row in read_run_metrics(tmp_path / "run" / "metrics.jsonl") if "eval/speaker/accuracy" in row]
+    assert [row["step"] for row in rows] == [2, 4, 5]
+    assert all({"eval/lastword/accuracy", "samples/self_perplexity"} <= row.keys() for row in rows)
+    assert "tracked:  speaker, lastword" in done.stdout
+    # the default is the run's eval_every (3 here); without --track-tasks nothing is tracked
+    done = openllm_edu("train", "--config", run_config, "--out", tmp_path / "default", "--max-steps", 5,
+                       "--no-progress", "--track-tasks", "lastword")
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = read_run_metrics(tmp_path / "default" / "metrics.jsonl")
+    assert [row["step"] for row in rows if "eval/lastword/accuracy" in row] == [3, 5]
+    summary = json.loads((tmp_path / "default" / "summary.json").read_text())
+    assert summary["tracked_tasks"] == ["lastword"]
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--track-tasks", "cloze,nosuch"], "unknown task 'nosuch'"),
+    (["--track-tasks", "cloze,,speaker"], "empty name"),
+    (["--track-tasks", "cloze", "--track-every", 0], "--track-every"),
+    (["--track-tasks", "cloze", "--track-limit", -3], "--track-limit"),
+])
+def test_bad_tracking_flags_stop_before_any_work(run_config, tmp_path, flags, words):
+    done = openllm_edu("train", "--config", run_config, "--out", tmp_path / "run", "--max-steps", 2, *flags)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith("error:") and words in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists(), "nothing trained, nothing written"
+
+
+def test_tracking_needs_the_tokenizer_beside_the_data(prepared, tmp_path):
+    data_dir, _ = prepared
+    bare = tmp_path / "bare"
+    (bare / "data").mkdir(parents=True)
+    for path in data_dir.iterdir():
+        (bare / "data" / path.name).write_bytes(path.read_bytes())
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps(dict(data_dir=str(bare / "data"), model_overrides=dict(n_layer=1, n_head=2, n_embd=32),
+                                      block_size=80, batch_size=4, precision="fp32")))
+    done = openllm_edu("train", "--config", config, "--out", tmp_path / "run", "--max-steps", 2, "--track-tasks", "cloze")
+    assert done.returncode == 2 and "no tokenizer/ folder" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
