@@ -126,7 +126,7 @@ def _add_eval(commands) -> None:
     evaluate.add_argument("--checkpoint", required=True,
                           help="folder written by save_pretrained, or a run folder (uses its model/)")
     evaluate.add_argument("--task", action="append", metavar="TASK",
-                          help="cloze, speaker, lastword or a .jsonl task file; repeatable (default: the three built-in)")
+                          help="cloze, speaker, lastword or a .jsonl task file; repeatable (default: all three)")
     evaluate.add_argument("--limit", type=int, default=None, help="score only the first N items of each task")
     evaluate.add_argument("--batch", type=int, default=16, help="rows per forward pass (default: 16)")
     evaluate.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
