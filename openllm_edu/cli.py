@@ -379,11 +379,11 @@ def eval_report(folder: Path, tokenizer, entries: list[dict], *, profile: str, l
                 device) -> dict:
     import torch
 
-    from openllm_edu import __version__
+    import openllm_edu
 
     values = dict(checkpoint=str(folder.resolve()), tokenizer=dict(kind=tokenizer.kind, vocab_size=tokenizer.vocab_size,
                                                           fingerprint=tokenizer.fingerprint),
-                  profile=profile, limit=limit, batch_size=batch_size, openllm_edu=__version__,
+                  profile=profile, limit=limit, batch_size=batch_size, openllm_edu=openllm_edu.__version__,
                   torch=torch.__version__, device=str(device), tasks=entries)
     return {key: values[key] for key in EVAL_REPORT_KEYS}
 
