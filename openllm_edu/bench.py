@@ -19,13 +19,14 @@ import torch
 from .core import PRECISIONS, CourseError, check_precision
 
 # %% auto #0
-__all__ = ['DTYPES', 'COMPILED', 'BENCH_VARIANTS', 'TRAINER_OVERHEAD_TARGET', 'time_calls', 'time_interleaved', 'Timing',
-           'matmul_flops', 'time_matmul', 'measure_matmul_peak', 'model_flops_utilization', 'reuse_freed_memory',
-           'variant_settings', 'bench_variants', 'precision_dtype_name', 'precision_dtype', 'bench_config', 'bench_gpt',
-           'make_train_step', 'build_bare_step', 'time_training_steps', 'step_timing', 'bench_train_step',
-           'bench_generation', 'fastest_matmuls', 'use_peaks', 'bench_model', 'kv_cache_speedup', 'timing_table',
-           'format_model_bench', 'synthetic_train_data', 'trainer_precision', 'build_trainer_step',
-           'bench_trainer_step', 'bench_train', 'trainer_overhead', 'format_train_bench', 'bench_data_parallel',
+__all__ = ['DTYPES', 'COMPILED', 'BENCH_VARIANTS', 'TRAINER_OVERHEAD_TARGET', 'SCORING_TARGET', 'time_calls', 'time_interleaved',
+           'Timing', 'matmul_flops', 'time_matmul', 'measure_matmul_peak', 'model_flops_utilization',
+           'reuse_freed_memory', 'variant_settings', 'bench_variants', 'precision_dtype_name', 'precision_dtype',
+           'bench_config', 'bench_gpt', 'make_train_step', 'build_bare_step', 'time_training_steps', 'step_timing',
+           'bench_train_step', 'bench_generation', 'fastest_matmuls', 'use_peaks', 'bench_model', 'kv_cache_speedup',
+           'timing_table', 'format_model_bench', 'synthetic_train_data', 'trainer_precision', 'build_trainer_step',
+           'bench_trainer_step', 'bench_train', 'trainer_overhead', 'format_train_bench', 'scoring_rows',
+           'build_eval_pair', 'bench_eval', 'scoring_ratio', 'format_eval_bench', 'bench_data_parallel',
            'format_data_parallel_bench']
 
 # %% ../nbs/96_benchmarks.ipynb #0f62f793
@@ -444,6 +445,70 @@ def format_train_bench(rows: Sequence[Timing]) -> str:
     lines = timing_table(rows, f"{'vs bare':>8} {'target':>8}", against_bare)
     lines.append(f"target: Trainer.train_step at most {TRAINER_OVERHEAD_TARGET:.0%} slower than the bare step "
                  "(train) of the same run")
+    return "\n".join(lines)
+
+# %% ../nbs/96_benchmarks.ipynb #a5269e30
+def scoring_rows(ids: torch.Tensor) -> list[tuple[list[int], int]]:
+    "score_rows' rows for a (batch, T + 1) tensor of token ids: each whole row, its last T tokens scored."
+    return [(row, len(row) - 1) for row in ids.tolist()]
+
+
+def build_eval_pair(preset: str, block_size: int, batch_size: int, device: str = "cpu",
+                    seed: int = 0) -> tuple[Callable[[], None], Callable[[], None]]:
+    """Two functions over the same batch_size × block_size predicted tokens of GPT(preset), in eval mode without
+    autograd: the training forward (logits and loss) and chapter 10's `score_rows` (ln p and argmax of each)."""
+    from openllm_edu.scoring import evaluating, score_rows
+    model = bench_gpt(preset, block_size, device, seed).eval()
+    ids = torch.randint(0, model.config.vocab_size, (batch_size, block_size + 1), device=device)
+    x, y, rows = ids[:, :-1], ids[:, 1:], scoring_rows(ids.cpu())
+
+    def forward():
+        with evaluating(model):
+            model(x, y)
+        _synchronize(device)
+
+    def scoring():
+        with evaluating(model):
+            score_rows(model, rows, batch_size)
+        _synchronize(device)
+
+    return forward, scoring
+
+# %% ../nbs/96_benchmarks.ipynb #8c2bd0ae
+SCORING_TARGET = 0.9  # scoring must reach 90% of the training forward's tokens/s: it is one forward pass
+
+
+def bench_eval(preset: str = "small", block_size: int = 256, batch_size: int = 8, repeats: int = 5,
+               warmup: int = 1, device: str = "cpu", seed: int = 0) -> list[Timing]:
+    """The training forward and `score_rows` over the same tokens, timed in turns (fp32, eval mode, no autograd):
+    the rows of `format_eval_bench`. The first call of each is kept apart."""
+    _check_repeats(repeats, warmup)
+    pair = build_eval_pair(preset, block_size, batch_size, device, seed)
+    firsts = time_interleaved(pair, repeats=1, warmup=0)
+    timed = time_interleaved(pair, repeats=repeats, warmup=warmup)
+    tokens = batch_size * block_size
+    return [Timing(f"{what} {preset} {batch_size}x{block_size}", "fp32", seconds, tokens=tokens, first_seconds=first)
+            for what, [first], seconds in zip(("forward", "score_rows"), firsts, timed)]
+
+
+def scoring_ratio(rows: Sequence[Timing]) -> float:
+    "score_rows' tokens/s over the forward's, from the rows of `bench_eval`."
+    speed = {_step_kind(row): row.tokens_per_s for row in rows}
+    return speed["score_rows"] / speed["forward"]
+
+
+def format_eval_bench(rows: Sequence[Timing]) -> str:
+    "The rows of `bench_eval` as a text table, with scoring's speed as a share of the forward's and the target."
+    ratio = scoring_ratio(rows)
+
+    def against_forward(row: Timing) -> str:
+        if _step_kind(row) != "score_rows":
+            return ""
+        return f"{ratio:10.2f}x {'met' if ratio >= SCORING_TARGET else 'not met':>8}"
+
+    lines = timing_table(rows, f"{'vs forward':>11} {'target':>8}", against_forward)
+    lines.append(f"target: score_rows at least {SCORING_TARGET:.1f}x the tokens/s of the training forward "
+                 "(model(x, y), no backward) of the same run")
     return "\n".join(lines)
 
 # %% ../nbs/96_benchmarks.ipynb #beac5e15

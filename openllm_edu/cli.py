@@ -15,9 +15,11 @@ from .core import CourseError, environment_report, get_profile, load_settings
 from .train_commands import add_train_commands, cmd_run, cmd_train, launch_failure
 
 # %% auto #0
-__all__ = ['CLI_WORKER', 'HANDLERS', 'build_parser', 'cmd_doctor', 'cmd_tokenizer_train', 'cmd_data_prepare',
-           'cmd_bench_tokenizer', 'cmd_bench_model', 'cmd_bench_train', 'cmd_bench_distributed', 'cmd_generate',
-           'cmd_compare', 'cmd_instructor_release', 'cmd_grade', 'cli_program', 'cmd_launch', 'main']
+__all__ = ['EVAL_REPORT_KEYS', 'CLI_WORKER', 'HANDLERS', 'build_parser', 'cmd_doctor', 'cmd_tokenizer_train', 'cmd_data_prepare',
+           'cmd_bench_tokenizer', 'cmd_bench_model', 'cmd_bench_train', 'cmd_bench_distributed', 'cmd_bench_eval',
+           'saved_model_folder', 'load_saved_model', 'cmd_generate', 'cmd_compare', 'cmd_instructor_release',
+           'cmd_grade', 'task_entry', 'eval_report', 'format_eval_report', 'cmd_eval', 'cli_program', 'cmd_launch',
+           'main']
 
 # %% ../nbs/98_cli.ipynb #2a6ba9f3
 def _add_corpus(parser: argparse.ArgumentParser, flag: str, help_verb: str) -> None:
@@ -65,7 +67,7 @@ def _add_data_commands(commands) -> None:
 
 # %% ../nbs/98_cli.ipynb #09088057
 def _add_bench_commands(commands) -> None:
-    "`bench tokenizer|model|train|distributed`."
+    "`bench tokenizer|model|train|distributed|eval`."
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
     bench_tok = bench.add_parser("tokenizer", help="BPE training: incremental vs the naive reference")
     bench_tok.add_argument("--text-bytes", type=int, default=100_000)
@@ -94,11 +96,20 @@ def _add_bench_commands(commands) -> None:
     bench_dist.add_argument("--batch", type=int, default=8, help="batch size of each process (default: 8)")
     bench_dist.add_argument("--steps", type=int, default=10, help="timed steps (default: 10)")
 
+    bench_eval = bench.add_parser("eval", help="scoring tokens/s against the training forward's on the same tokens")
+    bench_eval.add_argument("--preset", default="small", help="GPTConfig preset (default: small)")
+    bench_eval.add_argument("--block", type=int, default=256, help="sequence length (default: 256)")
+    bench_eval.add_argument("--batch", type=int, default=8, help="rows in the batch (default: 8)")
+    bench_eval.add_argument("--repeats", type=int, default=5, help="timed calls of each, in turns (default: 5)")
 
+
+
+# %% ../nbs/98_cli.ipynb #351de27e
 def _add_generate(commands) -> None:
     "`generate`: sample from a saved model."
     generate = commands.add_parser("generate", help="generate text from a saved model")
-    generate.add_argument("--checkpoint", required=True, help="folder written by save_pretrained")
+    generate.add_argument("--checkpoint", required=True,
+                          help="folder written by save_pretrained, or a run folder (uses its model/)")
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--max-new-tokens", type=int, default=200)
     generate.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
@@ -107,6 +118,19 @@ def _add_generate(commands) -> None:
     generate.add_argument("--repetition-penalty", type=float, default=1.0)
     generate.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     generate.add_argument("--seed", type=int, default=None, help="same seed, same text")
+
+
+def _add_eval(commands) -> None:
+    "`eval`: a saved model on benchmark tasks."
+    evaluate = commands.add_parser("eval", help="score a saved model on benchmark tasks (chapter 10)")
+    evaluate.add_argument("--checkpoint", required=True,
+                          help="folder written by save_pretrained, or a run folder (uses its model/)")
+    evaluate.add_argument("--task", action="append", metavar="TASK",
+                          help="cloze, speaker, lastword or a .jsonl task file; repeatable (default: all three)")
+    evaluate.add_argument("--limit", type=int, default=None, help="score only the first N items of each task")
+    evaluate.add_argument("--batch", type=int, default=16, help="rows per forward pass (default: 16)")
+    evaluate.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    evaluate.add_argument("--out", metavar="REPORT.json", help="where to write the report (default: <model>/eval.json)")
 
 
 def _add_compare(commands) -> None:
@@ -145,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("doctor", help="check Python, packages, device and memory")
     add_train_commands(commands)  # train and run (97)
-    for add in (_add_launch, _add_data_commands, _add_bench_commands, _add_generate, _add_compare,
-                _add_instructor_commands):
+    for add in (_add_launch, _add_data_commands, _add_bench_commands, _add_generate, _add_eval,
+                _add_compare, _add_instructor_commands):
         add(commands)
     return parser
 
@@ -238,27 +262,53 @@ def cmd_bench_distributed(args) -> int:
     print(format_data_parallel_bench(rows))
     return 0
 
+
+def cmd_bench_eval(args) -> int:
+    from openllm_edu.bench import bench_eval, format_eval_bench
+
+    for flag, value in (("--block", args.block), ("--batch", args.batch), ("--repeats", args.repeats)):
+        if value < 1:
+            raise CourseError(f"{flag} {value}: give a whole number of at least 1.")
+    print(format_eval_bench(bench_eval(args.preset, args.block, args.batch, args.repeats)))
+    return 0
+
+
+# %% ../nbs/98_cli.ipynb #907ea06b
+def saved_model_folder(checkpoint: str | Path) -> Path:
+    "The folder of a saved model: `checkpoint` itself, or the model/ of a run folder (said in one line on stderr)."
+    from openllm_edu.model import WEIGHTS_FILE
+
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / WEIGHTS_FILE).is_file() and (checkpoint / "model" / WEIGHTS_FILE).is_file():
+        print(f"{checkpoint} is a run folder: using its trained model {checkpoint / 'model'}", file=sys.stderr)
+        return checkpoint / "model"
+    return checkpoint
+
+
+def load_saved_model(checkpoint: str | Path, device: str = "cpu"):
+    "(model, tokenizer, folder) of a saved model or a run folder; a CourseError if no tokenizer was saved with it."
+    from openllm_edu.model import TOKENIZER_DIR, load_pretrained
+
+    folder = saved_model_folder(checkpoint)
+    model, tokenizer = load_pretrained(folder, device)
+    if tokenizer is None:
+        raise CourseError(f"{folder} has no {TOKENIZER_DIR}/ folder; save the model with its tokenizer: "
+                          "save_pretrained(model, folder, tokenizer).")
+    return model, tokenizer, folder
+
 # %% ../nbs/98_cli.ipynb #9ab9e468
 def cmd_generate(args) -> int:
     from openllm_edu.generate import GenerationConfig, stream_text
-    from openllm_edu.model import load_pretrained
 
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                               stop_strings=tuple(args.stop), seed=args.seed)  # bad values fail before loading
-    checkpoint = Path(args.checkpoint)
-    if not (checkpoint / "model.safetensors").is_file() and (checkpoint / "model" / "model.safetensors").is_file():
-        raise CourseError(f"{checkpoint} is a run folder; its trained model is {checkpoint / 'model'}: "
-                          f"openllm-edu generate --checkpoint {checkpoint / 'model'} --prompt ...")
-    model, tokenizer = load_pretrained(checkpoint)
-    if tokenizer is None:
-        raise CourseError(f"{args.checkpoint} has no tokenizer/ folder; save the model with its tokenizer.")
+    model, tokenizer, _ = load_saved_model(args.checkpoint)
     print(args.prompt, end="", flush=True)
     for piece in stream_text(model, tokenizer, args.prompt, config):
         print(piece, end="", flush=True)
     print()
     return 0
-
 
 
 def cmd_compare(args) -> int:
@@ -314,6 +364,72 @@ def cmd_grade(args) -> int:
     print(report.to_json() if args.json else report)
     return 0
 
+# %% ../nbs/98_cli.ipynb #9438f8dd
+EVAL_REPORT_KEYS = ("checkpoint", "tokenizer", "profile", "limit", "batch_size", "openllm_edu", "torch", "device",
+                    "tasks")
+
+
+def task_entry(task, result, source: str, seconds: float) -> dict:
+    "One task's part of the report: its TaskResult, and what identifies the items scored."
+    return {**result.to_dict(), "kind": task.kind, "source": source, "fingerprint": task.fingerprint,
+            "version": (task.spec or {}).get("version"), "seconds": round(seconds, 3)}
+
+
+def eval_report(folder: Path, tokenizer, entries: list[dict], *, profile: str, limit: int | None, batch_size: int,
+                device) -> dict:
+    import torch
+
+    import openllm_edu
+
+    values = dict(checkpoint=str(folder.resolve()), tokenizer=dict(kind=tokenizer.kind, vocab_size=tokenizer.vocab_size,
+                                                          fingerprint=tokenizer.fingerprint),
+                  profile=profile, limit=limit, batch_size=batch_size, openllm_edu=openllm_edu.__version__,
+                  torch=torch.__version__, device=str(device), tasks=entries)
+    return {key: values[key] for key in EVAL_REPORT_KEYS}
+
+
+def format_eval_report(report: dict) -> str:
+    "The report as a table: one line per task; accuracy (norm) is per-byte normalised, for choice tasks only."
+    lines = [f"{'task':12} {'items':>6} {'accuracy':>9} {'acc norm':>9} {'95% interval':>15} {'chance':>7} "
+             f"{'seconds':>8}"]
+    for t in report["tasks"]:
+        norm = "" if t["accuracy_norm"] is None else f"{t['accuracy_norm']:.3f}"
+        interval = f"{t['interval'][0]:.3f}-{t['interval'][1]:.3f}"
+        lines.append(f"{t['task']:12} {t['n']:6} {t['accuracy']:9.3f} {norm:>9} {interval:>15} {t['chance']:7.3f} "
+                     f"{t['seconds']:8.1f}")
+    return "\n".join(lines)
+
+# %% ../nbs/98_cli.ipynb #0fdb44f0
+def _check_eval_flags(args) -> None:
+    if args.limit is not None and args.limit < 1:
+        raise CourseError(f"--limit {args.limit}: score at least 1 item of each task, or leave --limit out for all.")
+    if args.batch < 1:
+        raise CourseError(f"--batch {args.batch}: a forward pass scores at least 1 row (default: 16).")
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from openllm_edu.core import atomic_write_text, resolve_device
+    from openllm_edu.tasks import BUILTIN_TASKS, evaluate_task, load_task
+
+    _check_eval_flags(args)
+    profile, device = get_profile(args.profile), resolve_device("auto")
+    model, tokenizer, folder = load_saved_model(args.checkpoint, device)
+    sources = args.task or list(BUILTIN_TASKS)
+    tasks = [load_task(source, profile) for source in sources]  # every task is checked before any is scored
+    entries = []
+    for source, task in zip(sources, tasks):
+        start = time.perf_counter()
+        result = evaluate_task(model, tokenizer, task, limit=args.limit, batch_size=args.batch)
+        entries.append(task_entry(task, result, source, time.perf_counter() - start))
+    report = eval_report(folder, tokenizer, entries, profile=profile.name, limit=args.limit, batch_size=args.batch,
+                         device=device)
+    out = Path(args.out) if args.out else folder / "eval.json"
+    atomic_write_text(out, json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2) if args.json else f"{format_eval_report(report)}\nreport: {out}")
+    return 0
+
 # %% ../nbs/98_cli.ipynb #e8671841
 CLI_WORKER = "import sys; from openllm_edu.cli import main; sys.exit(main(sys.argv[1:]))"
 
@@ -353,7 +469,8 @@ HANDLERS = {
     ("data", "prepare"): cmd_data_prepare,
     ("tokenizer", "train"): cmd_tokenizer_train, ("bench", "tokenizer"): cmd_bench_tokenizer,
     ("bench", "model"): cmd_bench_model, ("bench", "train"): cmd_bench_train,
-    ("bench", "distributed"): cmd_bench_distributed, ("generate", None): cmd_generate,
+    ("bench", "distributed"): cmd_bench_distributed, ("bench", "eval"): cmd_bench_eval,
+    ("generate", None): cmd_generate, ("eval", None): cmd_eval,
     ("compare", None): cmd_compare,
     ("instructor", "release"): cmd_instructor_release, ("grade", None): cmd_grade,
 }

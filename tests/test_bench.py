@@ -11,9 +11,11 @@ import torch
 
 from openllm_edu.bench import (
     BENCH_VARIANTS,
+    SCORING_TARGET,
     TRAINER_OVERHEAD_TARGET,
     Timing,
     bench_config,
+    bench_eval,
     bench_generation,
     bench_gpt,
     bench_model,
@@ -21,8 +23,10 @@ from openllm_edu.bench import (
     bench_train_step,
     bench_trainer_step,
     bench_variants,
+    build_eval_pair,
     build_trainer_step,
     fastest_matmuls,
+    format_eval_bench,
     format_model_bench,
     format_train_bench,
     kv_cache_speedup,
@@ -32,6 +36,8 @@ from openllm_edu.bench import (
     model_flops_utilization,
     precision_dtype,
     precision_dtype_name,
+    scoring_ratio,
+    scoring_rows,
     synthetic_train_data,
     time_calls,
     time_interleaved,
@@ -293,3 +299,57 @@ def test_format_train_bench_by_hand():
     assert lines[4].split()[-5:] == ["985", "192.3", "76.9%", "+4.0%", "met"]  # 2048 tokens, 400 GFLOP in 2.08 s
     assert lines[6].split()[-4:] == ["46.3%", "+8.0%", "not", "met"]
     assert lines[7].split()[-1] == "444.4" and len(lines) == 2 + len(rows) + 1
+
+
+# --- bench eval: scoring against the training forward ---------------------------------------------------------
+
+def test_scoring_rows_score_every_token_after_the_first():
+    ids = torch.tensor([[5, 6, 7], [1, 2, 3]])
+    assert scoring_rows(ids) == [([5, 6, 7], 2), ([1, 2, 3], 2)]
+
+
+def test_the_two_timed_functions_compute_the_same_loss(monkeypatch):
+    "What score_rows scores is what the forward's loss averages: the same tokens, so tokens/s compare."
+    from openllm_edu import scoring
+
+    seen = {}
+    real_score_rows = scoring.score_rows
+
+    def recording(model, rows, batch_size):
+        seen["scores"] = real_score_rows(model, rows, batch_size)
+        seen["rows"], seen["model"] = rows, model
+        return seen["scores"]
+
+    monkeypatch.setattr(scoring, "score_rows", recording)
+    forward, score = build_eval_pair("tiny", 16, 3)
+    forward(), score()
+    model, ids = seen["model"], torch.tensor([row for row, _ in seen["rows"]])
+    assert ids.shape == (3, 17) and not model.training
+    with torch.no_grad():
+        _, loss = model(ids[:, :-1], ids[:, 1:])
+    logprobs = torch.cat([row_logprobs for row_logprobs, _ in seen["scores"]])
+    assert logprobs.shape == (48,)
+    assert torch.allclose(-logprobs.mean(), loss, atol=1e-5)
+
+
+def test_bench_eval_on_tiny_is_consistent():
+    rows = bench_eval("tiny", block_size=16, batch_size=2, repeats=2, warmup=0)
+    assert [row.what for row in rows] == ["forward tiny 2x16", "score_rows tiny 2x16"]
+    assert all(row.tokens == 32 and len(row.seconds) == 2 and row.first_seconds is not None for row in rows)
+    ratio = scoring_ratio(rows)
+    assert ratio == pytest.approx((32 / min(rows[1].seconds)) / (32 / min(rows[0].seconds)), rel=1e-12)
+    score_line = format_eval_bench(rows).splitlines()[3]
+    assert score_line.startswith("score_rows tiny 2x16") and f"{ratio:.2f}x" in score_line
+    assert score_line.endswith("not met") == (ratio < SCORING_TARGET)
+    with pytest.raises(CourseError, match="repeats"):
+        bench_eval("tiny", block_size=16, batch_size=2, repeats=0)
+
+
+def test_format_eval_bench_by_hand():
+    rows = [Timing("forward small 8x256", "fp32", [2.0, 2.5], tokens=2048, first_seconds=3.0),
+            Timing("score_rows small 8x256", "fp32", [2.1, 2.2], tokens=2048, first_seconds=2.5)]
+    assert scoring_ratio(rows) == pytest.approx(2.0 / 2.1)
+    lines = format_eval_bench(rows).splitlines()
+    assert lines[2].split()[-1] == "1,024"  # 2048 tokens in 2.0 s, and no ratio on the forward's line
+    assert lines[3].split()[-3:] == ["975", "0.95x", "met"]  # 2048 / 2.1 s; 2.0 / 2.1 = 0.952 >= 0.9
+

@@ -359,9 +359,14 @@ def test_damaged_data_is_one_line_that_says_how_to_recover(trained_run, tmp_path
                        "data prepare")
 
 
-def test_generate_from_a_run_folder_points_at_its_model(trained_run):
+def test_generate_from_a_run_folder_uses_its_model(trained_run):
     out, _ = trained_run
-    assert_clean_error(openllm_edu("generate", "--checkpoint", out, "--prompt", "x"), f"{out / 'model'}")
+    args = ("--prompt", "ROMEO:", "--max-new-tokens", 8, "--temperature", 0)
+    from_run, from_model = (openllm_edu("generate", "--checkpoint", folder, *args) for folder in (out, out / "model"))
+    assert from_run.returncode == 0 and from_model.returncode == 0, from_run.stderr + from_model.stderr
+    assert from_run.stdout == from_model.stdout and from_run.stdout.startswith("ROMEO:")
+    assert f"{out / 'model'}" in from_run.stderr and "run folder" in from_run.stderr
+    assert "run folder" not in from_model.stderr
 
 
 class RunsCode:
@@ -504,3 +509,112 @@ def test_compare_bad_input_is_one_line(tmp_path):
     assert_clean_error(openllm_edu("compare", good, torn), "line 3")
     assert_clean_error(openllm_edu("compare"), "RUN_DIR")
     assert_clean_error(openllm_edu("compare", good, "--x", "time"), "--x")
+
+
+# --- openllm-edu eval ---------------------------------------------------------------------------------------
+
+EVAL_KEYS = {"checkpoint", "tokenizer", "profile", "limit", "batch_size", "openllm_edu", "torch", "device", "tasks"}
+TASK_KEYS = {"task", "n", "accuracy", "accuracy_norm", "chance", "interval", "kind", "source", "fingerprint", "version",
+             "seconds"}
+
+
+@pytest.fixture(scope="module")
+def course_checkpoint():
+    "The cached ci course model: a trained model saved with its tokenizer (trained on first use)."
+    from openllm_edu.model import course_model, course_model_dir
+
+    course_model("ci")
+    return course_model_dir("ci")
+
+
+def write_user_task(path):
+    lines = [{"context": "Now is the winter of our", "choices": [" discontent", " York", " house"], "gold": 0},
+             {"context": "Made glorious summer by this sun of", "choices": [" York", " ocean"], "gold": 0},
+             {"context": "In the deep bosom of the", "choices": [" ocean", " clouds"], "gold": 0}]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def test_eval_accuracy_is_evaluate_tasks_and_the_report_has_every_key(course_checkpoint, tmp_path):
+    import torch
+
+    from openllm_edu import __version__
+    from openllm_edu.model import load_pretrained
+    from openllm_edu.tasks import evaluate_task, load_task
+
+    user_task, report_path = write_user_task(tmp_path / "mine.jsonl"), tmp_path / "report.json"
+    done = openllm_edu("eval", "--checkpoint", course_checkpoint, "--task", "cloze", "--task", "speaker",
+                       "--task", user_task, "--limit", 8, "--batch", 5, "--json", "--out", report_path)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert json.loads(report_path.read_text()) == report
+    assert set(report) == EVAL_KEYS and all(set(entry) == TASK_KEYS for entry in report["tasks"])
+    model, tokenizer = load_pretrained(course_checkpoint)
+    assert (report["checkpoint"], report["profile"], report["limit"], report["batch_size"]) == (
+        str(course_checkpoint.resolve()), "ci", 8, 5)
+    assert (report["openllm_edu"], report["torch"]) == (__version__, torch.__version__)
+    assert report["tokenizer"]["fingerprint"] == tokenizer.fingerprint
+    for entry, source in zip(report["tasks"], ["cloze", "speaker", str(user_task)], strict=True):
+        task = load_task(source, "ci")
+        direct = evaluate_task(model, tokenizer, task, limit=8, batch_size=5)
+        assert entry["source"] == source and entry["fingerprint"] == task.fingerprint
+        assert (entry["task"], entry["n"], entry["accuracy"], entry["accuracy_norm"], entry["chance"]) == (
+            direct.task, direct.n, direct.accuracy, direct.accuracy_norm, direct.chance)
+        assert tuple(entry["interval"]) == direct.interval
+    assert [entry["n"] for entry in report["tasks"]] == [8, 8, 3]  # the file has 3 items: --limit cuts, never pads
+    assert [entry["version"] for entry in report["tasks"]] == [1, 1, None]  # a user's file has no builder
+
+
+def test_eval_a_run_folder_prints_a_table_and_writes_beside_its_model(trained_run, tmp_path):
+    copy = run_copy(trained_run, tmp_path)
+    done = openllm_edu("eval", "--checkpoint", copy, "--task", "lastword", "--task", write_user_task(tmp_path / "t.jsonl"),
+                       "--limit", 3)
+    assert done.returncode == 0, done.stderr
+    assert f"{copy / 'model'}" in done.stderr and "run folder" in done.stderr
+    header, *rows, last = done.stdout.strip().splitlines()
+    assert header.split()[:4] == ["task", "items", "accuracy", "acc"] and last == f"report: {copy / 'model' / 'eval.json'}"
+    assert [row.split()[:2] for row in rows] == [["lastword", "3"], ["t", "3"]]
+    report = json.loads((copy / "model" / "eval.json").read_text())
+    assert [f"{entry['accuracy']:.3f}" for entry in report["tasks"]] == [row.split()[2] for row in rows]
+
+
+def test_eval_bad_input_is_one_line(course_checkpoint, saved_model, tmp_path):
+    import shutil
+
+    out = tmp_path / "report.json"
+    no_tokenizer = tmp_path / "no-tokenizer"
+    shutil.copytree(saved_model, no_tokenizer, ignore=shutil.ignore_patterns("tokenizer"))
+    not_a_model = tmp_path / "notes"
+    not_a_model.mkdir()
+    (not_a_model / "readme.txt").write_text("not a model")
+    bad_gold = tmp_path / "bad.jsonl"
+    bad_gold.write_text(json.dumps({"context": "a", "choices": [" b", " c"], "gold": 2}) + "\n")
+    not_json = tmp_path / "notjson.jsonl"
+    not_json.write_text("context: a\n")
+    cases = [
+        ((tmp_path / "nothing",), ("nothing",)),
+        ((not_a_model,), ("config.json",)),
+        ((no_tokenizer,), ("tokenizer", "save_pretrained")),
+        ((course_checkpoint, "--task", "trivia"), ("trivia", "cloze")),
+        ((course_checkpoint, "--task", tmp_path / "missing.jsonl"), ("missing.jsonl",)),
+        ((course_checkpoint, "--task", bad_gold), ("bad.jsonl line 1", "out of range")),
+        ((course_checkpoint, "--task", not_json), ("notjson.jsonl line 1", "not valid JSON")),
+        ((course_checkpoint, "--limit", 0), ("--limit",)),
+        ((course_checkpoint, "--batch", 0), ("--batch",)),
+    ]
+    for (checkpoint, *flags), words in cases:
+        assert_clean_error(openllm_edu("eval", "--checkpoint", checkpoint, *flags, "--out", out), *words)
+    assert not out.exists()
+
+
+def test_bench_eval_prints_scoring_against_the_forward():
+    done = openllm_edu("bench", "eval", "--preset", "tiny", "--block", 32, "--batch", 2, "--repeats", 1)
+    assert done.returncode == 0, done.stderr
+    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines()
+            if line.startswith(("forward tiny 2x32", "score_rows tiny 2x32"))}
+    assert set(rows) == {"forward", "score_rows"} and "vs forward" in done.stdout and "target" in done.stdout
+    best = {what: float(row[5]) for what, row in rows.items()}  # what, preset, shape, precision, first s, best s
+    printed = float(next(field for field in rows["score_rows"] if field.endswith("x")).rstrip("x"))
+    assert printed == pytest.approx(best["forward"] / best["score_rows"], abs=0.01 + 0.002 / best["score_rows"])
+    assert_clean_error(openllm_edu("bench", "eval", "--preset", "tiny", "--repeats", 0), "--repeats")
+
