@@ -668,6 +668,18 @@ def data_parallel_gradient_gap(model, x, y, shard_sizes, weighted):
     combined = [sum(g[i] for g in parts) / len(parts) for i in range(len(params))]  # never weighted
     return max((c - f).abs().max().item() for c, f in zip(combined, full))
 """),
+    "10_scoring": ("shortest_pick_rate", """
+def shortest_pick_rate(table, alphabet, items, normalize=None):
+    hits = 0
+    for context, choices in items:
+        logprobs = []
+        for choice in choices:
+            ids = [alphabet.index(c) for c in choice]  # scored on its own: the context is never read
+            logprobs.append(sum(table[a, b].item() for a, b in zip(ids, ids[1:])))
+        picked = pick_choice(logprobs, [len(c) for c in choices], choices, normalize)
+        hits += len(choices[picked]) == min(len(c) for c in choices)
+    return hits / len(items)
+"""),
 }
 
 
