@@ -158,6 +158,7 @@ def test_resize_keeps_old_logits_and_the_tie(tmp_path):
     assert torch.allclose(after[..., old_vocab:], before.mean(-1, keepdim=True).expand(-1, -1, 5), atol=1e-5)
 
     save_pretrained(model, tmp_path, chat)
+    assert (tmp_path / TOKENIZER_DIR / CHAT_FILE).is_file()
     reloaded, base = load_pretrained(tmp_path)
     assert reloaded.config.vocab_size == chat.vocab_size and base.vocab_size == old_vocab
     assert reloaded.lm_head.weight is reloaded.wte.weight
