@@ -19,8 +19,8 @@ from .model import IGNORE_INDEX, GPT, TOKENIZER_DIR, load_pretrained, unwrap_mod
 from .tokenizer import Tokenizer, load_tokenizer
 
 # %% auto #0
-__all__ = ['CHAT_SPECIALS', 'ROLES', 'END', 'PAD', 'CHAT_FILE', 'role_token', 'check_specials', 'ChatTokenizer',
-           'special_pattern', 'save_chat_tokenizer', 'load_chat_tokenizer', 'grown_rows', 'resize_embeddings',
+__all__ = ['CHAT_SPECIALS', 'ROLES', 'END', 'PAD', 'CHAT_FILE', 'role_token', 'check_specials', 'special_pattern',
+           'ChatTokenizer', 'save_chat_tokenizer', 'load_chat_tokenizer', 'grown_rows', 'resize_embeddings',
            'load_chat_model', 'check_messages', 'render_conversation', 'render_prompt', 'targets_with_mask',
            'pad_batch', 'chat_template']
 
@@ -42,6 +42,12 @@ def check_specials(specials: Sequence[str]) -> tuple[str, ...]:
     if len(set(specials)) != len(specials):
         raise CourseError(f"specials {specials!r} name a token twice; give each special token one name.")
     return specials
+
+
+def special_pattern(specials: Sequence[str]) -> re.Pattern:
+    "A pattern that splits text on the special names, keeping them; the longest name wins where two overlap."
+    names = sorted(specials, key=len, reverse=True)
+    return re.compile("(" + "|".join(re.escape(name) for name in names) + ")")
 
 # %% ../nbs/11_chat.ipynb #529c3bc7
 class ChatTokenizer(Tokenizer):
@@ -114,12 +120,6 @@ class ChatTokenizer(Tokenizer):
 
     def __repr__(self) -> str:
         return f"ChatTokenizer({self.base!r}, {len(self.specials)} specials, vocab_size={self.vocab_size})"
-
-
-def special_pattern(specials: Sequence[str]) -> re.Pattern:
-    "A pattern that splits text on the special names, keeping them; the longest name wins where two overlap."
-    names = sorted(specials, key=len, reverse=True)
-    return re.compile("(" + "|".join(re.escape(name) for name in names) + ")")
 
 # %% ../nbs/11_chat.ipynb #38d2cc8b
 CHAT_FILE = "chat_tokens.json"
