@@ -648,19 +648,21 @@ def bench_finetune(preset: str = "small", block_size: int = 256, batch_size: int
                    device: str = "cpu", seed: int = 0) -> list[FinetuneRow]:
     """Full fine-tuning, then LoRA at each rank, of GPT(preset) on one batch of batch_size × block_size random
     tokens: trainable parameters, gradient and AdamW-state bytes, the whole step's peak, step times in turns."""
+    from openllm_edu.lora import count_trainable
     from openllm_edu.memory import profile_training_step
     from openllm_edu.optim import OptimizerConfig, make_optimizer
     check_finetune_settings(ranks, targets, steps)
     vocab_size = bench_config(preset, block_size).vocab_size
-    x, y = torch.randint(0, vocab_size, (2, batch_size, block_size), device=device)
+    batch = torch.randint(0, vocab_size, (2, batch_size, block_size), generator=torch.Generator().manual_seed(seed))
+    x, y = batch.to(device)
     rows, step_fns = [], []
     for rank in [None, *ranks]:
         model = finetune_model(preset, block_size, rank, targets, device, seed)
         optimizer = make_optimizer(model, OptimizerConfig())
         grads, states = count_step_bytes(model, optimizer, x, y)  # the states exist from here on
         peak = profile_training_step(model, x, y, optimizer, "fp32", warmup=0).peak
-        rows.append(FinetuneRow("full" if rank is None else f"LoRA r={rank}", sum(
-            p.numel() for p in model.parameters() if p.requires_grad), grads, states, peak, []))
+        what = "full" if rank is None else f"LoRA r={rank}"
+        rows.append(FinetuneRow(what, count_trainable(model), grads, states, peak, seconds=[]))
         step_fns.append(finetune_step(model, optimizer, x, y))
     for row, (first, seconds) in zip(rows, time_training_steps(step_fns, steps, warmup)):
         row.first_seconds, row.seconds = first, seconds
