@@ -19,15 +19,17 @@ import torch
 from .core import PRECISIONS, CourseError, check_precision
 
 # %% auto #0
-__all__ = ['DTYPES', 'COMPILED', 'BENCH_VARIANTS', 'TRAINER_OVERHEAD_TARGET', 'SCORING_TARGET', 'time_calls', 'time_interleaved',
-           'Timing', 'matmul_flops', 'time_matmul', 'measure_matmul_peak', 'model_flops_utilization',
-           'reuse_freed_memory', 'variant_settings', 'bench_variants', 'precision_dtype_name', 'precision_dtype',
-           'bench_config', 'bench_gpt', 'make_train_step', 'build_bare_step', 'time_training_steps', 'step_timing',
-           'bench_train_step', 'bench_generation', 'fastest_matmuls', 'use_peaks', 'bench_model', 'kv_cache_speedup',
-           'timing_table', 'format_model_bench', 'synthetic_train_data', 'trainer_precision', 'build_trainer_step',
-           'bench_trainer_step', 'bench_train', 'trainer_overhead', 'format_train_bench', 'scoring_rows',
-           'build_eval_pair', 'bench_eval', 'scoring_ratio', 'format_eval_bench', 'bench_data_parallel',
-           'format_data_parallel_bench']
+__all__ = ['DTYPES', 'COMPILED', 'BENCH_VARIANTS', 'TRAINER_OVERHEAD_TARGET', 'SCORING_TARGET', 'FINETUNE_TARGETS',
+           'LORA_TRAIN_BYTES_TARGET', 'LORA_PEAK_TARGET', 'time_calls', 'time_interleaved', 'Timing', 'matmul_flops',
+           'time_matmul', 'measure_matmul_peak', 'model_flops_utilization', 'reuse_freed_memory', 'variant_settings',
+           'bench_variants', 'precision_dtype_name', 'precision_dtype', 'bench_config', 'bench_gpt', 'make_train_step',
+           'build_bare_step', 'time_training_steps', 'step_timing', 'bench_train_step', 'bench_generation',
+           'fastest_matmuls', 'use_peaks', 'bench_model', 'kv_cache_speedup', 'timing_table', 'format_model_bench',
+           'synthetic_train_data', 'trainer_precision', 'build_trainer_step', 'bench_trainer_step', 'bench_train',
+           'trainer_overhead', 'format_train_bench', 'scoring_rows', 'build_eval_pair', 'bench_eval', 'scoring_ratio',
+           'format_eval_bench', 'bench_data_parallel', 'format_data_parallel_bench', 'finetune_model', 'grad_bytes',
+           'state_bytes', 'count_step_bytes', 'FinetuneRow', 'finetune_step', 'check_finetune_settings',
+           'bench_finetune', 'finetune_ratios', 'format_finetune_bench']
 
 # %% ../nbs/96_benchmarks.ipynb #0f62f793
 def _check_repeats(repeats: int, warmup: int) -> None:
@@ -561,4 +563,138 @@ def format_data_parallel_bench(rows: list[dict]) -> str:
     lines = ["processes  threads each  effective batch  step (ms)  tokens/s  speed-up"]
     lines += [f"{r['processes']:9}  {r['threads_per_process']:12}  {r['effective_batch']:15}  {r['step_ms']:9.1f}  "
               f"{r['tokens_per_s']:8,.0f}  {r['speedup']:7.2f}x" for r in rows]
+    return "\n".join(lines)
+
+# %% ../nbs/96_benchmarks.ipynb #735059f5
+FINETUNE_TARGETS = ("attention", "all")  # chapter 12's LORA_TARGETS presets a benchmark may pick
+LORA_TRAIN_BYTES_TARGET = 0.05  # LoRA's gradient + optimizer-state bytes: at most 5% of full fine-tuning's
+LORA_PEAK_TARGET = 0.60  # LoRA's whole-step peak: at most 60% of full fine-tuning's (on the gpt2-124m shape)
+
+
+def finetune_model(preset: str, block_size: int, rank: int | None = None, targets: str = "attention",
+                   device: str = "cpu", seed: int = 0) -> torch.nn.Module:
+    "bench_gpt(preset) to fine-tune whole (rank None), or frozen with LoRA adapters (alpha = 2·rank) on `targets`."
+    from openllm_edu.lora import apply_lora
+    model = bench_gpt(preset, block_size, device, seed)
+    return model if rank is None else apply_lora(model, r=rank, alpha=2 * rank, targets=targets)
+
+
+def grad_bytes(model: torch.nn.Module) -> int:
+    "Bytes of the gradients the parameters hold now."
+    return sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    "Bytes of every tensor in the optimizer's state."
+    return sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values()
+               if torch.is_tensor(t))
+
+
+def count_step_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                     y: torch.Tensor) -> tuple[int, int]:
+    "(gradient bytes, optimizer-state bytes) after one forward, backward and optimizer step; the gradients are then dropped."
+    _, loss = model(x, y)
+    loss.backward()
+    optimizer.step()
+    counts = grad_bytes(model), state_bytes(optimizer)
+    optimizer.zero_grad(set_to_none=True)
+    return counts
+
+# %% ../nbs/96_benchmarks.ipynb #f2711021
+@dataclass
+class FinetuneRow:
+    "One variant of `bench_finetune`: what trains, the bytes it costs and how long a step takes."
+    what: str  # "full" or "LoRA r=8"
+    trainable: int
+    grad_bytes: int
+    state_bytes: int
+    peak_bytes: int  # the whole step: parameters, optimizer states, activations, gradients
+    seconds: list[float]
+    first_seconds: float | None = None
+
+    @property
+    def train_bytes(self) -> int:
+        return self.grad_bytes + self.state_bytes
+
+    @property
+    def best(self) -> float:
+        return min(self.seconds)
+
+
+def finetune_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                  y: torch.Tensor) -> Callable[[], None]:
+    "One training step of `model` on (x, y) as a function, waiting for the device."
+    def step():
+        _, loss = model(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _synchronize(x.device.type)
+
+    return step
+
+
+def check_finetune_settings(ranks: Sequence[int], targets: str, steps: int) -> None:
+    if not ranks or any(r < 1 for r in ranks):
+        raise CourseError(f"ranks {list(ranks)}: give LoRA ranks of at least 1, e.g. --ranks 4 8 16.")
+    if targets not in FINETUNE_TARGETS:
+        raise CourseError(f"unknown targets {targets!r}; use one of {', '.join(FINETUNE_TARGETS)}.")
+    if steps < 1:
+        raise CourseError(f"steps={steps}: time at least 1 step of each variant.")
+
+# %% ../nbs/96_benchmarks.ipynb #cf6e55ec
+def bench_finetune(preset: str = "small", block_size: int = 256, batch_size: int = 4,
+                   ranks: Sequence[int] = (4, 8, 16), targets: str = "attention", steps: int = 3, warmup: int = 1,
+                   device: str = "cpu", seed: int = 0) -> list[FinetuneRow]:
+    """Full fine-tuning, then LoRA at each rank, of GPT(preset) on one batch of batch_size × block_size random
+    tokens: trainable parameters, gradient and AdamW-state bytes, the whole step's peak, step times in turns."""
+    from openllm_edu.lora import count_trainable
+    from openllm_edu.memory import profile_training_step
+    from openllm_edu.optim import OptimizerConfig, make_optimizer
+    check_finetune_settings(ranks, targets, steps)
+    vocab_size = bench_config(preset, block_size).vocab_size
+    batch = torch.randint(0, vocab_size, (2, batch_size, block_size), generator=torch.Generator().manual_seed(seed))
+    x, y = batch.to(device)
+    rows, step_fns = [], []
+    for rank in [None, *ranks]:
+        model = finetune_model(preset, block_size, rank, targets, device, seed)
+        optimizer = make_optimizer(model, OptimizerConfig())
+        grads, states = count_step_bytes(model, optimizer, x, y)  # the states exist from here on
+        peak = profile_training_step(model, x, y, optimizer, "fp32", warmup=0).peak
+        what = "full" if rank is None else f"LoRA r={rank}"
+        rows.append(FinetuneRow(what, count_trainable(model), grads, states, peak, seconds=[]))
+        step_fns.append(finetune_step(model, optimizer, x, y))
+    for row, (first, seconds) in zip(rows, time_training_steps(step_fns, steps, warmup)):
+        row.first_seconds, row.seconds = first, seconds
+    return rows
+
+# %% ../nbs/96_benchmarks.ipynb #a5edfb75
+def finetune_ratios(rows: Sequence[FinetuneRow]) -> list[dict[str, float]]:
+    "Each row's trainable parameters, gradient + state bytes, peak and best step time over full fine-tuning's."
+    [full] = [r for r in rows if r.what == "full"]
+    return [dict(trainable=r.trainable / full.trainable, train_bytes=r.train_bytes / full.train_bytes,
+                 peak=r.peak_bytes / full.peak_bytes, seconds=r.best / full.best) for r in rows]
+
+
+def _met(ratios: Sequence[dict[str, float]], key: str, target: float) -> str:
+    lora = ratios[1:]
+    return "met" if lora and all(r[key] <= target for r in lora) else "not met"
+
+
+def format_finetune_bench(rows: Sequence[FinetuneRow], estimate=None) -> str:
+    "The rows of `bench_finetune` as a table against full fine-tuning; `estimate` (a MemoryEstimate) adds its parts."
+    mb = 2 ** 20
+    ratios = finetune_ratios(rows)
+    lines = [f"{'what':10} {'trainable':>12} {'vs full':>8} {'grad+state MB':>14} {'vs full':>8} "
+             f"{'peak MB':>9} {'vs full':>8} {'best s':>8} {'vs full':>8}"]
+    for r, q in zip(rows, ratios):
+        lines.append(f"{r.what:10} {r.trainable:12,} {q['trainable']:8.2%} {r.train_bytes / mb:14.1f} "
+                     f"{q['train_bytes']:8.2%} {r.peak_bytes / mb:9.1f} {q['peak']:8.1%} {r.best:8.3f} "
+                     f"{q['seconds']:8.2f}")
+    lines.append(f"targets: LoRA grad+state <= {LORA_TRAIN_BYTES_TARGET:.0%} of full's: "
+                 f"{_met(ratios, 'train_bytes', LORA_TRAIN_BYTES_TARGET)}; LoRA peak <= {LORA_PEAK_TARGET:.0%} "
+                 f"of full's: {_met(ratios, 'peak', LORA_PEAK_TARGET)}")
+    if estimate is not None:
+        lines.append(f"estimated (chapter 08): parameters {estimate.parameters / mb:.1f} MB, activations "
+                     f"{estimate.activations / mb:.1f} MB, logits {estimate.logits / mb:.1f} MB")
     return "\n".join(lines)

@@ -17,9 +17,9 @@ from .train_commands import add_train_commands, cmd_run, cmd_train, launch_failu
 # %% auto #0
 __all__ = ['EVAL_REPORT_KEYS', 'CLI_WORKER', 'HANDLERS', 'build_parser', 'cmd_doctor', 'cmd_tokenizer_train', 'cmd_data_prepare',
            'cmd_bench_tokenizer', 'cmd_bench_model', 'cmd_bench_train', 'cmd_bench_distributed', 'cmd_bench_eval',
-           'saved_model_folder', 'load_saved_model', 'cmd_generate', 'cmd_compare', 'cmd_instructor_release',
-           'cmd_grade', 'task_entry', 'eval_report', 'format_eval_report', 'cmd_eval', 'cli_program', 'cmd_launch',
-           'main']
+           'cmd_bench_finetune', 'saved_model_folder', 'load_saved_model', 'cmd_generate', 'cmd_compare',
+           'cmd_instructor_release', 'cmd_grade', 'task_entry', 'eval_report', 'format_eval_report', 'cmd_eval',
+           'cli_program', 'cmd_launch', 'main']
 
 # %% ../nbs/98_cli.ipynb #2a6ba9f3
 def _add_corpus(parser: argparse.ArgumentParser, flag: str, help_verb: str) -> None:
@@ -67,7 +67,7 @@ def _add_data_commands(commands) -> None:
 
 # %% ../nbs/98_cli.ipynb #09088057
 def _add_bench_commands(commands) -> None:
-    "`bench tokenizer|model|train|distributed|eval`."
+    "`bench tokenizer|model|train|distributed|eval|finetune`."
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
     bench_tok = bench.add_parser("tokenizer", help="BPE training: incremental vs the naive reference")
     bench_tok.add_argument("--text-bytes", type=int, default=100_000)
@@ -101,6 +101,14 @@ def _add_bench_commands(commands) -> None:
     bench_eval.add_argument("--block", type=int, default=256, help="sequence length (default: 256)")
     bench_eval.add_argument("--batch", type=int, default=8, help="rows in the batch (default: 8)")
     bench_eval.add_argument("--repeats", type=int, default=5, help="timed calls of each, in turns (default: 5)")
+
+    bench_ft = bench.add_parser("finetune", help="memory and step time of LoRA against full fine-tuning")
+    bench_ft.add_argument("--preset", default="small", help="GPTConfig preset (default: small)")
+    bench_ft.add_argument("--block", type=int, default=256, help="sequence length (default: 256)")
+    bench_ft.add_argument("--batch", type=int, default=4, help="batch size (default: 4)")
+    bench_ft.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16], help="LoRA ranks (default: 4 8 16)")
+    bench_ft.add_argument("--targets", default="attention", help="LoRA targets: attention or all (default: attention)")
+    bench_ft.add_argument("--steps", type=int, default=3, help="timed steps of each variant (default: 3)")
 
 
 
@@ -270,6 +278,23 @@ def cmd_bench_eval(args) -> int:
         if value < 1:
             raise CourseError(f"{flag} {value}: give a whole number of at least 1.")
     print(format_eval_bench(bench_eval(args.preset, args.block, args.batch, args.repeats)))
+    return 0
+
+
+def cmd_bench_finetune(args) -> int:
+    import torch
+
+    from openllm_edu.bench import bench_config, bench_finetune, format_finetune_bench
+    from openllm_edu.memory import estimate_memory
+
+    for flag, value in (("--block", args.block), ("--batch", args.batch)):
+        if value < 1:
+            raise CourseError(f"{flag} {value}: give a whole number of at least 1.")
+    rows = bench_finetune(args.preset, args.block, args.batch, args.ranks, args.targets, args.steps)
+    estimate = estimate_memory(bench_config(args.preset, args.block), args.batch, args.block, "fp32")
+    print(f"preset {args.preset}, batch {args.batch} x {args.block} tokens, fp32, AdamW, LoRA on {args.targets} "
+          f"(alpha = 2 r), torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(format_finetune_bench(rows, estimate))
     return 0
 
 
@@ -470,6 +495,7 @@ HANDLERS = {
     ("tokenizer", "train"): cmd_tokenizer_train, ("bench", "tokenizer"): cmd_bench_tokenizer,
     ("bench", "model"): cmd_bench_model, ("bench", "train"): cmd_bench_train,
     ("bench", "distributed"): cmd_bench_distributed, ("bench", "eval"): cmd_bench_eval,
+    ("bench", "finetune"): cmd_bench_finetune,
     ("generate", None): cmd_generate, ("eval", None): cmd_eval,
     ("compare", None): cmd_compare,
     ("instructor", "release"): cmd_instructor_release, ("grade", None): cmd_grade,

@@ -11,11 +11,15 @@ import torch
 
 from openllm_edu.bench import (
     BENCH_VARIANTS,
+    LORA_PEAK_TARGET,
+    LORA_TRAIN_BYTES_TARGET,
     SCORING_TARGET,
     TRAINER_OVERHEAD_TARGET,
+    FinetuneRow,
     Timing,
     bench_config,
     bench_eval,
+    bench_finetune,
     bench_generation,
     bench_gpt,
     bench_model,
@@ -25,8 +29,12 @@ from openllm_edu.bench import (
     bench_variants,
     build_eval_pair,
     build_trainer_step,
+    count_step_bytes,
     fastest_matmuls,
+    finetune_model,
+    finetune_ratios,
     format_eval_bench,
+    format_finetune_bench,
     format_model_bench,
     format_train_bench,
     kv_cache_speedup,
@@ -48,6 +56,8 @@ from openllm_edu.bench import (
 )
 from openllm_edu.core import PRECISIONS, CourseError
 from openllm_edu.model import GPTConfig, flops_per_token
+
+CLI_MAIN = "import sys; from openllm_edu.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
 def test_matmul_flops_counts_a_multiply_and_an_add_per_term():
@@ -353,3 +363,95 @@ def test_format_eval_bench_by_hand():
     assert lines[2].split()[-1] == "1,024"  # 2048 tokens in 2.0 s, and no ratio on the forward's line
     assert lines[3].split()[-3:] == ["975", "0.95x", "met"]  # 2048 / 2.1 s; 2.0 / 2.1 = 0.952 >= 0.9
 
+
+
+def _storage_bytes(tensors) -> int:
+    "Bytes of the storages behind `tensors`: another way to count than numel × element_size."
+    return sum(t.untyped_storage().nbytes() for t in tensors)
+
+
+@pytest.mark.parametrize("rank, targets", [(None, "attention"), (4, "attention"), (2, "all")])
+def test_count_step_bytes_equals_an_independent_count(rank, targets):
+    from openllm_edu.lora import lora_parameters
+    from openllm_edu.optim import OptimizerConfig, make_optimizer
+    x, y = torch.randint(0, 4096, (2, 2, 16))
+    measured_model = finetune_model("tiny", 16, rank, targets)
+    counted = count_step_bytes(measured_model, make_optimizer(measured_model, OptimizerConfig()), x, y)
+
+    model = finetune_model("tiny", 16, rank, targets)  # the same model again, stepped here by hand
+    optimizer = make_optimizer(model, OptimizerConfig())
+    model(x, y)[1].backward()
+    optimizer.step()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    states = [t for state in optimizer.state.values() for t in state.values()]
+    assert counted == (_storage_bytes(grads), _storage_bytes(states))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if rank is not None:  # only the adapters train, and only they have optimizer states
+        assert {id(p) for p in trainable} == {id(p) for p in lora_parameters(model)}
+        assert set(optimizer.state) == set(trainable)
+    numbers = sum(p.numel() for p in trainable)
+    assert counted == (4 * numbers, 2 * 4 * numbers + 4 * len(trainable))  # fp32 grad; exp_avg, exp_avg_sq, step
+
+
+def test_finetune_ratios_by_hand():
+    rows = [FinetuneRow("LoRA r=2", 5, 20, 48, 6_000_000, [0.9]),
+            FinetuneRow("full", 500, 2000, 4020, 10_000_000, [1.0, 1.2], first_seconds=3.0),
+            FinetuneRow("LoRA r=4", 10, 40, 88, 7_000_000, [0.8])]
+    ratios = finetune_ratios(rows)
+    assert ratios[1] == dict(trainable=1.0, train_bytes=1.0, peak=1.0, seconds=1.0)
+    assert ratios[0] == pytest.approx(dict(trainable=0.01, train_bytes=68 / 6020, peak=0.6, seconds=0.9))
+    assert ratios[2] == pytest.approx(dict(trainable=0.02, train_bytes=128 / 6020, peak=0.7, seconds=0.8))
+    with pytest.raises(ValueError):
+        finetune_ratios(rows[:1] + rows[2:])  # no full fine-tuning to compare with
+
+
+def test_format_finetune_bench_says_which_target_is_met():
+    full = FinetuneRow("full", 1000, 4000, 8040, 10 * 2 ** 20, [2.0])
+    small_lora = FinetuneRow("LoRA r=4", 10, 40, 88, 5 * 2 ** 20, [1.0])
+    big_lora = FinetuneRow("LoRA r=64", 100, 400, 1000, 7 * 2 ** 20, [1.5])  # 1400 / 12040 = 11.6% of the bytes
+    lines = format_finetune_bench([full, small_lora]).splitlines()
+    assert lines[2].split() == ["LoRA", "r=4", "10", "1.00%", "0.0", "1.06%", "5.0", "50.0%", "1.000", "0.50"]
+    assert lines[-1] == (f"targets: LoRA grad+state <= {LORA_TRAIN_BYTES_TARGET:.0%} of full's: met; "
+                         f"LoRA peak <= {LORA_PEAK_TARGET:.0%} of full's: met")
+    last = format_finetune_bench([full, small_lora, big_lora]).splitlines()[-1]
+    assert last.endswith("full's: not met; LoRA peak <= 60% of full's: not met")
+
+
+def test_bench_finetune_on_tiny():
+    rows = bench_finetune("tiny", block_size=32, batch_size=2, ranks=(2, 8), steps=2, warmup=0)
+    full, *lora = rows
+    assert [r.what for r in rows] == ["full", "LoRA r=2", "LoRA r=8"]
+    assert all(len(r.seconds) == 2 and r.first_seconds is not None for r in rows)
+    assert full.trainable == finetune_model("tiny", 32).num_params()
+    assert lora[1].trainable == 4 * lora[0].trainable  # r·(in + out) per adapted layer
+    param_bytes = 4 * full.trainable
+    # at the end of backward the parameters, every gradient and the AdamW states are alive together
+    assert full.peak_bytes >= param_bytes + full.train_bytes
+    assert all(param_bytes + r.train_bytes <= r.peak_bytes < full.peak_bytes for r in lora)
+    assert all(r.train_bytes / full.train_bytes <= LORA_TRAIN_BYTES_TARGET for r in lora)
+
+
+@pytest.mark.parametrize("flags, words", [(["--ranks", "4", "0"], ["ranks", "at least 1"]),
+                                          (["--preset", "huge"], ["huge", "tiny"]),
+                                          (["--targets", "mlp"], ["mlp", "attention"]),
+                                          (["--steps", "0"], ["steps"]),
+                                          (["--block", "0"], ["--block"])])
+def test_bench_finetune_cli_rejects_bad_flags_in_one_line(flags, words):
+    done = subprocess.run([sys.executable, "-c", CLI_MAIN, "bench", "finetune", "--preset", "tiny", *flags],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    message = done.stderr.strip()
+    assert message.startswith("error:") and len(message.splitlines()) == 1, message
+    assert all(word in message for word in words), message
+
+
+def test_bench_finetune_cli_on_tiny():
+    done = subprocess.run([sys.executable, "-c", CLI_MAIN, "bench", "finetune", "--preset", "tiny", "--block", "16",
+                           "--batch", "2", "--ranks", "2", "4", "--targets", "all", "--steps", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "LoRA on all" in lines[0]
+    assert [line.split()[0] for line in lines[2:5]] == ["full", "LoRA", "LoRA"]
+    assert lines[3].split()[1] == "r=2" and lines[4].split()[1] == "r=4"
+    assert lines[5].startswith("targets:") and lines[6].startswith("estimated (chapter 08):")
