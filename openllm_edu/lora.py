@@ -18,12 +18,19 @@ from torch import nn
 from .core import CourseError, atomic_write_bytes, atomic_write_text, is_whole_number
 
 # %% auto #0
-__all__ = ['LORA_TARGETS', 'ADAPTER_WEIGHTS', 'ADAPTER_CONFIG', 'ADAPTER_FORMAT', 'RUNTIME_FIELDS', 'LoRALinear',
+__all__ = ['LORA_TARGETS', 'ADAPTER_WEIGHTS', 'ADAPTER_CONFIG', 'ADAPTER_FORMAT', 'RUNTIME_FIELDS', 'adapter_dtype', 'LoRALinear',
            'matches_target', 'linear_names', 'tied_linear_names', 'lora_target_names', 'apply_lora', 'lora_layers',
            'lora_parameters', 'count_trainable', 'merge_lora', 'base_config', 'config_fingerprint', 'adapter_settings',
            'save_adapter', 'read_adapter_config', 'check_adapter_fits', 'load_adapter']
 
 # %% ../nbs/12_lora.ipynb #bdc5ca2f
+def adapter_dtype(base: nn.Linear) -> torch.dtype:
+    "The adapter's dtype: the base weight's, or the dtype a quantised base (say 4-bit) computes in."
+    if base.weight.is_floating_point():
+        return base.weight.dtype
+    return getattr(base, "compute_dtype", None) or torch.float32
+
+
 class LoRALinear(nn.Module):
     "An nn.Linear, frozen, plus a trainable low-rank update: y = base(x) + (alpha / r) · B A dropout(x)."
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
@@ -37,7 +44,7 @@ class LoRALinear(nn.Module):
             raise CourseError(f"alpha={alpha!r} must be > 0 and dropout={dropout!r} in [0, 1); try alpha=2*r, dropout=0.")
         self.base, self.r, self.alpha, self.scale = base, r, alpha, alpha / r
         base.requires_grad_(False)
-        like = dict(device=base.weight.device, dtype=base.weight.dtype)
+        like = dict(device=base.weight.device, dtype=adapter_dtype(base))
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **like))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **like))  # ΔW = 0: the model starts unchanged
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init, and peft's default
@@ -56,6 +63,9 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merge(self) -> LoRALinear:
         "Fold ΔW into the base weight: one matmul per call, as fast as the base layer (a no-op if merged)."
+        if not self.base.weight.is_floating_point():
+            raise CourseError("a quantised base layer cannot absorb the update; keep the adapter apart (save_adapter), "
+                              "or apply it to a full-precision copy of the base model and merge there.")
         if not self.merged:
             self.base.weight += self.delta_weight()
             self.merged = True

@@ -261,3 +261,41 @@ def test_peft_computes_the_same_adapted_model():
         other.merge()
         torch.testing.assert_close(merged.get_submodule(name).weight, other.base_layer.weight, atol=1e-6, rtol=0)
     assert set(lora_layers(ours)) <= set(linear_names(base))
+
+
+def quantised_copy(linear: nn.Linear, bnb) -> nn.Module:
+    "linear as bitsandbytes' 4-bit (NF4) layer, computing in fp32; the weight is quantised on the move to the CPU."
+    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                              compute_dtype=torch.float32, quant_type="nf4")
+    layer.load_state_dict(linear.state_dict())
+    return layer.to("cpu")
+
+
+def test_qlora_adapters_train_on_a_4bit_base(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # bitsandbytes looks for optional kernels on the Hub; stay offline
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes (the finetune extra) is not installed")
+    full = tiny_gpt()
+    model = copy.deepcopy(full)
+    for block in model.blocks:
+        block.attn.c_attn = quantised_copy(block.attn.c_attn, bnb)
+        block.attn.c_proj = quantised_copy(block.attn.c_proj, bnb)
+    assert all(block.attn.c_attn.weight.dtype == torch.uint8 for block in model.blocks)  # really stored in 4 bits
+    x = tokens()
+    with torch.no_grad():
+        reference = full(x)[0]
+        quantised = model(x)[0]
+    apply_lora(model, r=4, alpha=8, targets="attention")
+    layer = next(iter(lora_layers(model).values()))
+    assert layer.lora_A.dtype == torch.float32  # the compute dtype, not the stored uint8
+    with torch.no_grad():
+        assert torch.equal(model(x)[0], quantised)  # B = 0: unchanged at the start
+    # 4-bit rounding moves the logits, but far less than their spread
+    assert (quantised - reference).abs().max() < 0.5 * reference.std()
+    as_if_trained(model)
+    _, loss = model(x, x)
+    loss.backward()
+    trained = {name for name, p in model.named_parameters() if p.grad is not None}
+    assert trained and all("lora_" in name for name in trained)  # gradients reach the adapters only
+    assert all(p.grad.abs().sum() > 0 for p in lora_parameters(model))
+    with pytest.raises(CourseError, match="quantised base"):
+        layer.merge()
