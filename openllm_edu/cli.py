@@ -19,7 +19,7 @@ __all__ = ['EVAL_REPORT_KEYS', 'CLI_WORKER', 'HANDLERS', 'build_parser', 'cmd_do
            'cmd_bench_tokenizer', 'cmd_bench_model', 'cmd_bench_train', 'cmd_bench_distributed', 'cmd_bench_eval',
            'cmd_bench_finetune', 'saved_model_folder', 'load_saved_model', 'cmd_generate', 'cmd_compare',
            'cmd_instructor_release', 'cmd_grade', 'task_entry', 'eval_report', 'format_eval_report', 'cmd_eval',
-           'cli_program', 'cmd_launch', 'main']
+           'lora_parts', 'cmd_finetune', 'load_chat_checkpoint', 'cmd_chat', 'cli_program', 'cmd_launch', 'main']
 
 # %% ../nbs/98_cli.ipynb #2a6ba9f3
 def _add_corpus(parser: argparse.ArgumentParser, flag: str, help_verb: str) -> None:
@@ -112,6 +112,26 @@ def _add_bench_commands(commands) -> None:
 
 
 
+# %% ../nbs/98_cli.ipynb #d8d72817
+def _add_chat_commands(commands) -> None:
+    "`finetune` a saved model into a chat model (chapters 11-12), and `chat` with it."
+    finetune = commands.add_parser("finetune", help="instruction-tune a saved model into a chat model (chapter 11)")
+    finetune.add_argument("--checkpoint", required=True,
+                          help="folder written by save_pretrained, or a run folder (uses its model/)")
+    finetune.add_argument("--data", default="chat",
+                          help="'chat' (instruction data from the plays) or a JSON-lines file of {\"messages\": [...]}")
+    finetune.add_argument("--out", required=True, help="new or empty folder (an earlier finetune output is replaced)")
+    finetune.add_argument("--steps", type=int, default=200)
+    finetune.add_argument("--limit", type=int, default=20, help="held-out items graded per family, before and after")
+    finetune.add_argument("--lora", type=int, default=None, metavar="R",
+                          help="train rank-R LoRA adapters (and the embedding) instead of every weight (chapter 12)")
+    chat = commands.add_parser("chat", help="talk with a fine-tuned model: one message per line on stdin")
+    chat.add_argument("--checkpoint", required=True, help="folder written by finetune")
+    chat.add_argument("--max-new-tokens", type=int, default=64)
+    chat.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    chat.add_argument("--seed", type=int, default=None, help="same seed, same replies")
+
+
 # %% ../nbs/98_cli.ipynb #351de27e
 def _add_generate(commands) -> None:
     "`generate`: sample from a saved model."
@@ -178,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("doctor", help="check Python, packages, device and memory")
     add_train_commands(commands)  # train and run (97)
     for add in (_add_launch, _add_data_commands, _add_bench_commands, _add_generate, _add_eval,
-                _add_compare, _add_instructor_commands):
+                _add_compare, _add_chat_commands, _add_instructor_commands):
         add(commands)
     return parser
 
@@ -455,6 +475,86 @@ def cmd_eval(args) -> int:
     print(json.dumps(report, indent=2) if args.json else f"{format_eval_report(report)}\nreport: {out}")
     return 0
 
+# %% ../nbs/98_cli.ipynb #7a044a26
+def lora_parts(rank: int):
+    "(prepare, finish) for finetune_checkpoint: rank-`rank` LoRA on attention plus the whole embedding; merged at the end."
+    from openllm_edu.lora import apply_lora, merge_lora
+
+    def prepare(model):
+        apply_lora(model, r=rank)
+        model.wte.weight.requires_grad_(True)  # the chat tokens' rows
+        model.lm_head.weight.requires_grad_(True)  # the same tensor when the head is tied
+        return model
+
+    return prepare, merge_lora
+
+
+def cmd_finetune(args) -> int:
+    from openllm_edu.finetune import FINETUNE_REPORT, finetune_checkpoint, format_finetune_report
+
+    for flag, value in (("--steps", args.steps), ("--limit", args.limit), ("--lora", args.lora)):
+        if value is not None and value < 1:
+            raise CourseError(f"{flag} {value}: give a whole number of at least 1.")
+    prepare, finish = lora_parts(args.lora) if args.lora else (None, None)
+    report = finetune_checkpoint(saved_model_folder(args.checkpoint), args.out, data=args.data, steps=args.steps,
+                                 limit=args.limit, profile=args.profile, prepare=prepare, finish=finish,
+                                 method=f"lora r={args.lora}" if args.lora else "full")
+    print(format_finetune_report(report))
+    print(f"chat model and {FINETUNE_REPORT}: {args.out}; talk with it: openllm-edu chat --checkpoint {args.out}")
+    return 0
+
+
+# %% ../nbs/98_cli.ipynb #d95af64b
+def load_chat_checkpoint(checkpoint: str | Path):
+    "(model, chat tokenizer) of a fine-tuned model; a CourseError saying to fine-tune one that has no chat tokens."
+    from openllm_edu.chat import CHAT_FILE, load_chat_model
+    from openllm_edu.model import TOKENIZER_DIR
+
+    folder = saved_model_folder(checkpoint)
+    if (folder / TOKENIZER_DIR).is_dir() and not (folder / TOKENIZER_DIR / CHAT_FILE).is_file():
+        raise CourseError(f"{folder} is not a chat model (its tokenizer has no chat tokens); fine-tune it first: "
+                          f"openllm-edu finetune --checkpoint {folder} --out DIR.")
+    return load_chat_model(folder)
+
+
+def cmd_chat(args) -> int:
+    from openllm_edu.chat import render_prompt
+    from openllm_edu.finetune import fit_history, stream_reply
+    from openllm_edu.generate import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    model, tokenizer = load_chat_checkpoint(args.checkpoint)
+    block = model.config.block_size
+    if args.max_new_tokens >= block - 2:
+        raise CourseError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a message in the model's "
+                          f"{block} positions; use at most {block // 2}.")
+    print("one message per line; /reset forgets the conversation, /quit leaves", file=sys.stderr)
+    messages = []
+    for line in sys.stdin:
+        text = line.rstrip("\n")
+        if text.strip() in ("/quit", "/reset"):
+            messages = []
+            if text.strip() == "/quit":
+                break
+            continue
+        messages, dropped = fit_history(tokenizer, [*messages, {"role": "user", "content": text}],
+                                        block - args.max_new_tokens)
+        if dropped:
+            print(f"(dropped the {dropped} oldest messages: the conversation outgrew the model's {block} positions)",
+                  file=sys.stderr)
+        if len(render_prompt(tokenizer, messages)) > block - args.max_new_tokens:
+            print(f"(that message alone does not fit the model's {block} positions; write a shorter one)", file=sys.stderr)
+            messages = []
+            continue
+        pieces = []
+        for piece in stream_reply(model, tokenizer, messages, config):
+            print(piece, end="", flush=True)
+            pieces.append(piece)
+        print()
+        messages.append({"role": "assistant", "content": "".join(pieces)})
+    return 0
+
+
 # %% ../nbs/98_cli.ipynb #e8671841
 CLI_WORKER = "import sys; from openllm_edu.cli import main; sys.exit(main(sys.argv[1:]))"
 
@@ -497,7 +597,7 @@ HANDLERS = {
     ("bench", "distributed"): cmd_bench_distributed, ("bench", "eval"): cmd_bench_eval,
     ("bench", "finetune"): cmd_bench_finetune,
     ("generate", None): cmd_generate, ("eval", None): cmd_eval,
-    ("compare", None): cmd_compare,
+    ("compare", None): cmd_compare, ("finetune", None): cmd_finetune, ("chat", None): cmd_chat,
     ("instructor", "release"): cmd_instructor_release, ("grade", None): cmd_grade,
 }
 

@@ -4,9 +4,14 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import os
 import random
-from collections.abc import Callable, Sequence
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,21 +19,24 @@ import torch
 import torch.nn.functional as F
 
 from .chat import ChatTokenizer, check_messages, pad_batch, render_conversation, render_prompt
-from .chat import targets_with_mask
+from .chat import resize_embeddings, targets_with_mask
 from .core import CourseError, atomic_write_text, is_whole_number, resolve_device
 from .data import step_seed
-from .generate import GenerationConfig, generate_tokens
-from .model import IGNORE_INDEX, as_profile, course_documents
+from .generate import GenerationConfig, generate_tokens, stream_pieces
+from .metrics import count_utf8_bytes, evaluate_lm
+from .model import IGNORE_INDEX, as_profile, course_documents, load_pretrained, save_pretrained
 from .optim import make_optimizer
 from .tasks import SPEAKER_LINE, Scene, TrainingText, check_disjoint, json_lines, read_scenes
 from .train_config import TrainConfig
 from .trainer import TrainData, Trainer
 
 # %% auto #0
-__all__ = ['FAMILIES', 'speech_text', 'speaker_questions', 'next_line_questions', 'count_questions', 'play_questions',
-           'conversation', 'family_items', 'check_families', 'instruction_data', 'line_hashes', 'passage_lines',
-           'write_conversations', 'read_conversations', 'alpaca_to_messages', 'conversation_examples', 'fits_block',
-           'ConversationSampler', 'sft_trainer', 'greedy_reply', 'exact_match']
+__all__ = ['FAMILIES', 'FINETUNE_REPORT', 'speech_text', 'speaker_questions', 'next_line_questions', 'count_questions',
+           'play_questions', 'conversation', 'family_items', 'check_families', 'instruction_data', 'line_hashes',
+           'passage_lines', 'write_conversations', 'read_conversations', 'alpaca_to_messages', 'conversation_examples',
+           'fits_block', 'ConversationSampler', 'sft_trainer', 'greedy_reply', 'exact_match', 'split_conversations',
+           'finetune_conversations', 'held_out_bits_per_byte', 'check_finetune_out', 'save_finetuned',
+           'finetune_checkpoint', 'format_finetune_report', 'fit_history', 'stream_reply']
 
 # %% ../nbs/11_sft.ipynb #4c40e44c
 def speech_text(scene: Scene, speech) -> str:
@@ -248,3 +256,130 @@ def exact_match(model: torch.nn.Module, tokenizer: ChatTokenizer, conversations:
         results[family] = dict(exact_match=sum(right) / max(len(items), 1),
                                ended=sum(ended for _, ended in replies) / max(len(items), 1), n=len(items))
     return results
+
+# %% ../nbs/11_sft.ipynb #0e19ce2c
+FINETUNE_REPORT = "finetune.json"
+
+
+def split_conversations(conversations: Sequence, every: int = 10) -> tuple[list, list]:
+    "(train, held out) of a conversation file: the every-th conversation (10th, 20th, ...) is held out."
+    held = [messages for k, messages in enumerate(conversations) if k % every == every - 1]
+    return [messages for k, messages in enumerate(conversations) if k % every != every - 1], held
+
+
+def finetune_conversations(data: str | Path, profile, lines: int) -> tuple[list, dict]:
+    "(training conversations, held-out {family: list}) of data='chat' or of a JSON-lines file (family 'all')."
+    if data == "chat":
+        items = instruction_data(profile, lines=lines)
+        return items["train"], items["held_out"]
+    conversations = read_conversations(data)
+    if len(conversations) < 10:
+        raise CourseError(f"{data} has {len(conversations)} conversations; write at least 10 "
+                          "(every 10th is held out to grade the model).")
+    train, held = split_conversations(conversations)
+    return train, {"all": held}
+
+
+def held_out_bits_per_byte(model: torch.nn.Module, tokenizer, profile, max_chars: int = 20_000) -> float:
+    "Bits per byte on the first max_chars characters of the profile's held-out plays: the skill SFT may cost."
+    text = "\n".join(course_documents(profile)[1])[:max_chars]
+    ids = np.array(tokenizer.encode(text))
+    return evaluate_lm(model, ids, count_utf8_bytes(text), block_size=model.config.block_size).bits_per_byte
+
+
+# %% ../nbs/11_sft.ipynb #e799ffc5
+def check_finetune_out(out_dir: str | Path) -> Path:
+    "`out_dir` if it is new, empty, or an earlier finetune output (which is replaced); else a CourseError."
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CourseError(f"{out_dir} is a file; give --out a new folder.")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / FINETUNE_REPORT).is_file():
+        raise CourseError(f"{out_dir} holds other files; give a new or empty folder (an earlier finetune output, "
+                          f"with {FINETUNE_REPORT}, is replaced).")
+    return out_dir
+
+
+def save_finetuned(model: torch.nn.Module, tokenizer: ChatTokenizer, out_dir: Path, report: dict) -> Path:
+    "Model, chat tokenizer and report into a hidden folder beside out_dir, then renamed into place."
+    staging, old = (out_dir.parent / f".{out_dir.name}.{os.getpid()}.{end}" for end in ("tmp", "old"))
+    shutil.rmtree(staging, ignore_errors=True)
+    save_pretrained(model, staging, tokenizer)
+    atomic_write_text(staging / FINETUNE_REPORT, json.dumps(report, indent=1) + "\n")
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(staging, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+# %% ../nbs/11_sft.ipynb #100ccc98
+def finetune_checkpoint(checkpoint: str | Path, out_dir: str | Path, data: str | Path = "chat", steps: int = 200,
+                        limit: int = 20, profile=None, prepare: Callable | None = None, finish: Callable | None = None,
+                        method: str = "full", batch_size: int = 8, lr: float = 2e-3, seed: int = 0,
+                        device: str = "cpu") -> dict:
+    """Fine-tune the model saved in `checkpoint` on `data` for `steps`, save it with its ChatTokenizer and
+    finetune.json to `out_dir`, and return the report: exact match and <|end|> rate on the first `limit` held-out
+    items of each family, and held-out bits per byte, before and after."""
+    if not is_whole_number(steps) or not is_whole_number(limit):
+        raise CourseError(f"steps={steps!r} and limit={limit!r} must be positive whole numbers, e.g. 200 and 20.")
+    profile, out_dir, started = as_profile(profile), check_finetune_out(out_dir), time.perf_counter()
+    model, base = load_pretrained(checkpoint)
+    if base is None:
+        raise CourseError(f"{checkpoint} holds a model but no tokenizer; save it with save_pretrained(model, dir, tokenizer).")
+    chat = ChatTokenizer(base.base if isinstance(base, ChatTokenizer) else base)
+    model = resize_embeddings(model, chat.vocab_size)
+    block = model.config.block_size
+    train, held = finetune_conversations(data, profile, lines=1 if block < 128 else 2)
+    train, held = fits_block(train, chat, block), {f: fits_block(items, chat, block)[:limit] for f, items in held.items()}
+    if not train:
+        raise CourseError(f"no training conversation fits the model's block_size={block}; write shorter ones.")
+    before = dict(exact_match=exact_match(model, chat, held), bits_per_byte=held_out_bits_per_byte(model, chat, profile))
+    model = prepare(model) if prepare else model
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    with tempfile.TemporaryDirectory() as run_dir:  # the trainer's checkpoints are not kept
+        config = TrainConfig(out_dir=run_dir, block_size=block, batch_size=batch_size, max_steps=steps, eval_every=0,
+                             schedule=dict(max_lr=lr, min_lr=lr / 10, warmup_steps=min(20, max(1, steps // 10))),
+                             seed=seed, progress=False, tensorboard=False, precision="fp32", device=device,
+                             log_every=steps)
+        sft_trainer(model, chat, train, config).fit()
+    model = (finish(model) if finish else model).cpu().eval()
+    after = dict(exact_match=exact_match(model, chat, held), bits_per_byte=held_out_bits_per_byte(model, chat, profile))
+    report = dict(checkpoint=str(checkpoint), data=str(data), method=method, steps=steps, limit=limit,
+                  profile=profile.name, train_conversations=len(train), trainable_parameters=trainable,
+                  held_out="instruction_data held-out items" if data == "chat" else "every 10th conversation",
+                  before=before, after=after, seconds=round(time.perf_counter() - started, 1))
+    save_finetuned(model, chat, out_dir, report)
+    return report
+
+
+# %% ../nbs/11_sft.ipynb #4d55243d
+def format_finetune_report(report: dict) -> str:
+    "The before/after table of a finetune report."
+    rows = [f"{'family':>10} {'n':>4}  {'exact match':>14}  {'ended with <|end|>':>18}"]
+    for family, was in report["before"]["exact_match"].items():
+        now = report["after"]["exact_match"][family]
+        rows.append(f"{family:>10} {now['n']:>4}  {was['exact_match']:>6.0%} -> {now['exact_match']:<4.0%}  "
+                    f"{was['ended']:>10.0%} -> {now['ended']:<4.0%}")
+    bpb = report["before"]["bits_per_byte"], report["after"]["bits_per_byte"]
+    rows.append(f"held-out plays: {bpb[0]:.3f} -> {bpb[1]:.3f} bits per byte (the base skill fine-tuning costs)")
+    return "\n".join(rows)
+
+
+# %% ../nbs/11_sft.ipynb #cc12c857
+def fit_history(tokenizer: ChatTokenizer, messages: Sequence[dict], room: int) -> tuple[list[dict], int]:
+    """The latest messages whose prompt fits `room` ids, oldest turns dropped two messages (a question and its reply)
+    at a time; and how many were dropped. A last message too long on its own is kept: the caller decides."""
+    kept = list(messages)
+    while len(kept) > 1 and len(render_prompt(tokenizer, kept)) > room:
+        kept = kept[2:]
+    return kept, len(messages) - len(kept)
+
+
+def stream_reply(model: torch.nn.Module, tokenizer: ChatTokenizer, messages: Sequence[dict],
+                 config: GenerationConfig) -> Iterator[str]:
+    "Text pieces of the model's reply to `messages` as they are sampled, up to (not including) <|end|>."
+    prompt = render_prompt(tokenizer, messages)
+    tokens = generate_tokens(model, torch.tensor([prompt]), config, eos_id=tokenizer.end_id)
+    ids = itertools.takewhile(lambda i: i != tokenizer.end_id, (int(t) for t in tokens))
+    return stream_pieces(ids, lambda ids: tokenizer.decode(ids, skip_special=True))
+
