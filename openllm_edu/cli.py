@@ -15,11 +15,12 @@ from .core import CourseError, environment_report, get_profile, load_settings
 from .train_commands import add_train_commands, cmd_run, cmd_train, launch_failure
 
 # %% auto #0
-__all__ = ['EVAL_REPORT_KEYS', 'CLI_WORKER', 'HANDLERS', 'build_parser', 'cmd_doctor', 'cmd_tokenizer_train', 'cmd_data_prepare',
-           'cmd_bench_tokenizer', 'cmd_bench_model', 'cmd_bench_train', 'cmd_bench_distributed', 'cmd_bench_eval',
-           'cmd_bench_finetune', 'saved_model_folder', 'load_saved_model', 'cmd_generate', 'cmd_compare',
-           'cmd_instructor_release', 'cmd_grade', 'task_entry', 'eval_report', 'format_eval_report', 'cmd_eval',
-           'lora_parts', 'cmd_finetune', 'load_chat_checkpoint', 'cmd_chat', 'cli_program', 'cmd_launch', 'main']
+__all__ = ['EVAL_REPORT_KEYS', 'FULL_FINETUNE_LR', 'LORA_LR', 'CLI_WORKER', 'HANDLERS', 'build_parser', 'cmd_doctor',
+           'cmd_tokenizer_train', 'cmd_data_prepare', 'cmd_bench_tokenizer', 'cmd_bench_model', 'cmd_bench_train',
+           'cmd_bench_distributed', 'cmd_bench_eval', 'cmd_bench_finetune', 'saved_model_folder', 'load_saved_model',
+           'cmd_generate', 'cmd_compare', 'cmd_instructor_release', 'cmd_grade', 'task_entry', 'eval_report',
+           'format_eval_report', 'cmd_eval', 'lora_parts', 'cmd_finetune', 'load_chat_checkpoint', 'cmd_chat',
+           'cli_program', 'cmd_launch', 'main']
 
 # %% ../nbs/98_cli.ipynb #2a6ba9f3
 def _add_corpus(parser: argparse.ArgumentParser, flag: str, help_verb: str) -> None:
@@ -119,10 +120,13 @@ def _add_chat_commands(commands) -> None:
     finetune.add_argument("--checkpoint", required=True,
                           help="folder written by save_pretrained, or a run folder (uses its model/)")
     finetune.add_argument("--data", default="chat",
-                          help="'chat' (instruction data from the plays) or a JSON-lines file of {\"messages\": [...]}")
+                          help="'chat' (instruction data from the plays), 'squad' or 'squad_v2' (from the hub), "
+                               "'squad:FILE' (SQuAD files you downloaded), or a JSON-lines file of {\"messages\": [...]}")
     finetune.add_argument("--out", required=True, help="new or empty folder (an earlier finetune output is replaced)")
     finetune.add_argument("--steps", type=int, default=200)
     finetune.add_argument("--limit", type=int, default=20, help="held-out items graded per family, before and after")
+    finetune.add_argument("--lr", type=float, default=None,
+                          help="peak learning rate (default 3e-4 for full fine-tuning, 2e-3 for LoRA)")
     finetune.add_argument("--lora", type=int, default=None, metavar="R",
                           help="train rank-R LoRA adapters (and the embedding) instead of every weight (chapter 12)")
     chat = commands.add_parser("chat", help="talk with a fine-tuned model: one message per line on stdin")
@@ -476,6 +480,11 @@ def cmd_eval(args) -> int:
     return 0
 
 # %% ../nbs/98_cli.ipynb #7a044a26
+# Adapters start from zero and train few weights: they take a larger step than a full fine-tune, whose
+# every weight already holds the base model.
+FULL_FINETUNE_LR, LORA_LR = 3e-4, 2e-3
+
+
 def lora_parts(rank: int):
     "(prepare, finish) for finetune_checkpoint: rank-`rank` LoRA on attention plus the whole embedding; merged at the end."
     from openllm_edu.lora import apply_lora, merge_lora
@@ -495,10 +504,13 @@ def cmd_finetune(args) -> int:
     for flag, value in (("--steps", args.steps), ("--limit", args.limit), ("--lora", args.lora)):
         if value is not None and value < 1:
             raise CourseError(f"{flag} {value}: give a whole number of at least 1.")
+    if args.lr is not None and not 0 < args.lr < 1:
+        raise CourseError(f"--lr {args.lr}: give a learning rate between 0 and 1, e.g. 3e-4.")
     prepare, finish = lora_parts(args.lora) if args.lora else (None, None)
+    lr = args.lr or (LORA_LR if args.lora else FULL_FINETUNE_LR)
     report = finetune_checkpoint(saved_model_folder(args.checkpoint), args.out, data=args.data, steps=args.steps,
                                  limit=args.limit, profile=args.profile, prepare=prepare, finish=finish,
-                                 method=f"lora r={args.lora}" if args.lora else "full")
+                                 method=f"lora r={args.lora}" if args.lora else "full", lr=lr)
     print(format_finetune_report(report))
     print(f"chat model and {FINETUNE_REPORT}: {args.out}; talk with it: openllm-edu chat --checkpoint {args.out}")
     return 0

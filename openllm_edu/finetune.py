@@ -19,24 +19,27 @@ import torch
 import torch.nn.functional as F
 
 from .chat import ChatTokenizer, check_messages, pad_batch, render_conversation, render_prompt
-from .chat import resize_embeddings, targets_with_mask
+from .chat import chat_template, resize_embeddings, targets_with_mask
 from .core import CourseError, atomic_write_text, is_whole_number, resolve_device
-from .data import step_seed
+from .data import BatchSampler, step_seed
 from .generate import GenerationConfig, generate_tokens, stream_pieces
 from .metrics import count_utf8_bytes, evaluate_lm
 from .model import IGNORE_INDEX, as_profile, course_documents, load_pretrained, save_pretrained
 from .optim import make_optimizer
+from .sources import load_squad_rows
 from .tasks import SPEAKER_LINE, Scene, TrainingText, check_disjoint, json_lines, read_scenes
 from .train_config import TrainConfig
 from .trainer import TrainData, Trainer
 
 # %% auto #0
-__all__ = ['FAMILIES', 'FINETUNE_REPORT', 'speech_text', 'speaker_questions', 'next_line_questions', 'count_questions',
-           'play_questions', 'conversation', 'family_items', 'check_families', 'instruction_data', 'line_hashes',
-           'passage_lines', 'write_conversations', 'read_conversations', 'alpaca_to_messages', 'conversation_examples',
-           'fits_block', 'ConversationSampler', 'sft_trainer', 'greedy_reply', 'exact_match', 'split_conversations',
-           'finetune_conversations', 'held_out_bits_per_byte', 'check_finetune_out', 'save_finetuned',
-           'finetune_checkpoint', 'format_finetune_report', 'fit_history', 'stream_reply']
+__all__ = ['FAMILIES', 'UNANSWERABLE', 'FINETUNE_REPORT', 'CHAT_TEMPLATE_FILE', 'SQUAD_DATA', 'HELD_OUT', 'speech_text',
+           'speaker_questions', 'next_line_questions', 'count_questions', 'play_questions', 'conversation',
+           'family_items', 'check_families', 'instruction_data', 'line_hashes', 'passage_lines', 'write_conversations',
+           'read_conversations', 'alpaca_to_messages', 'squad_conversation', 'squad_instruction_data',
+           'conversation_examples', 'fits_block', 'ConversationSampler', 'sft_trainer', 'greedy_reply', 'exact_match',
+           'best_constant', 'split_conversations', 'finetune_conversations', 'held_out_bits_per_byte',
+           'check_finetune_out', 'save_finetuned', 'finetune_checkpoint', 'format_finetune_report', 'fit_history',
+           'stream_reply']
 
 # %% ../nbs/11_sft.ipynb #4c40e44c
 def speech_text(scene: Scene, speech) -> str:
@@ -154,6 +157,30 @@ def alpaca_to_messages(record: dict) -> list[dict]:
     question = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
     return conversation(question, record["output"])
 
+# %% ../nbs/11_sft.ipynb #c2d5b8f3
+UNANSWERABLE = "The passage does not say."
+
+
+def squad_conversation(row: dict) -> list[dict]:
+    "A SQuAD row as a conversation: the passage and the question, then the first answer (or UNANSWERABLE)."
+    answers = row.get("answers") or []
+    return conversation(f"Answer from the passage.\n{row['context']}\nQuestion: {row['question']}",
+                        answers[0] if answers else UNANSWERABLE)
+
+
+def squad_instruction_data(rows: Sequence[dict], every: int = 10) -> dict:
+    """Conversations of SQuAD rows as instruction_data gives them: train, and held_out {'squad': [...]}, the
+    questions about paragraphs whose hash lands in one bucket of `every` (no paragraph on both sides)."""
+    def held(context: str) -> bool:
+        return int(hashlib.sha256(context.encode("utf-8")).hexdigest(), 16) % every == every - 1
+    asked = [row for row in rows if row.get("question")]  # a paragraph without questions teaches nothing here
+    train = [squad_conversation(row) for row in asked if not held(row["context"])]
+    held_out = [squad_conversation(row) for row in asked if held(row["context"])]
+    if not train or not held_out:
+        raise CourseError(f"{len(asked)} SQuAD questions leave {len(train)} to train on and {len(held_out)} to "
+                          f"grade; give more paragraphs (1 in {every} is held out by its hash).")
+    return dict(train=train, held_out={"squad": held_out})
+
 # %% ../nbs/11_sft.ipynb #c6716e17
 def conversation_examples(conversations: Sequence[Sequence[dict]], tokenizer: ChatTokenizer,
                           block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -174,8 +201,9 @@ def fits_block(conversations: Sequence[Sequence[dict]], tokenizer: ChatTokenizer
             if len(render_conversation(tokenizer, messages)[0]) <= block_size + 1]
 
 # %% ../nbs/11_sft.ipynb #0aef283f
-class ConversationSampler:
-    "An endless, reproducible stream of padded (x, y) batches of whole conversations that can resume from any step."
+class ConversationSampler(BatchSampler):
+    """Chapter 01's BatchSampler over whole conversations: batch `step` draws rows from a generator seeded by
+    (seed, step), pads them to block_size, and can resume from any step."""
 
     def __init__(self, conversations: Sequence[Sequence[dict]], tokenizer: ChatTokenizer, batch_size: int,
                  block_size: int, seed: int = 0, step: int = 0):
@@ -192,24 +220,14 @@ class ConversationSampler:
         width = self.block_size - x.shape[1]
         return F.pad(x, (0, width), value=self.pad_id), F.pad(y, (0, width), value=IGNORE_INDEX)
 
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = self.batch(self.step)
-        self.step += 1
-        return batch
-
     def state_dict(self) -> dict:
-        return dict(seed=self.seed, step=self.step, batch_size=self.batch_size, block_size=self.block_size,
-                    conversations=len(self.examples))
+        return {**super().state_dict(), "conversations": len(self.examples)}
 
     def load_state_dict(self, state: dict) -> None:
-        saved = (state["batch_size"], state["block_size"], state["conversations"])
-        if saved != (self.batch_size, self.block_size, len(self.examples)):
-            raise CourseError(f"the saved sampler drew from {saved[2]} conversations with batch_size={saved[0]}, "
-                              f"block_size={saved[1]}; resume with the same data and sizes or start a fresh run.")
-        self.seed, self.step = int(state["seed"]), int(state["step"])
+        if state.get("conversations") != len(self.examples):
+            raise CourseError(f"the saved sampler drew from {state.get('conversations')} conversations, this one from "
+                              f"{len(self.examples)}; resume with the same data or start a fresh run.")
+        super().load_state_dict(state)
 
 # %% ../nbs/11_sft.ipynb #cd2ef735
 def sft_trainer(model: torch.nn.Module, tokenizer: ChatTokenizer, conversations: Sequence[Sequence[dict]],
@@ -257,8 +275,14 @@ def exact_match(model: torch.nn.Module, tokenizer: ChatTokenizer, conversations:
                                ended=sum(ended for _, ended in replies) / max(len(items), 1), n=len(items))
     return results
 
+
+def best_constant(items: Sequence[Sequence[dict]]) -> float:
+    "The exact match of the best single reply to every item: the most common gold answer's share."
+    answers = [messages[-1]["content"].strip() for messages in items]
+    return max(map(answers.count, answers)) / len(answers) if answers else 0.0
+
 # %% ../nbs/11_sft.ipynb #0e19ce2c
-FINETUNE_REPORT = "finetune.json"
+FINETUNE_REPORT, CHAT_TEMPLATE_FILE = "finetune.json", "chat_template.jinja"
 
 
 def split_conversations(conversations: Sequence, every: int = 10) -> tuple[list, list]:
@@ -267,10 +291,21 @@ def split_conversations(conversations: Sequence, every: int = 10) -> tuple[list,
     return [messages for k, messages in enumerate(conversations) if k % every != every - 1], held
 
 
+SQUAD_DATA = {"squad": "1.1", "squad_v2": "2.0"}
+HELD_OUT = {"chat": "instruction_data held-out items", "squad": "questions on 1 in 10 paragraphs (by hash)",
+            "squad_v2": "questions on 1 in 10 paragraphs (by hash)"}
+
+
 def finetune_conversations(data: str | Path, profile, lines: int) -> tuple[list, dict]:
-    "(training conversations, held-out {family: list}) of data='chat' or of a JSON-lines file (family 'all')."
+    """(training conversations, held-out {family: list}) of data='chat', 'squad' or 'squad_v2' (from the hub),
+    'squad:FILE' (SQuAD files you downloaded), or a JSON-lines file of conversations (family 'all')."""
     if data == "chat":
         items = instruction_data(profile, lines=lines)
+        return items["train"], items["held_out"]
+    if str(data) in SQUAD_DATA or str(data).startswith("squad:"):
+        rows = (load_squad_rows(SQUAD_DATA[data]) if data in SQUAD_DATA
+                else load_squad_rows(data_files=str(data).removeprefix("squad:")))
+        items = squad_instruction_data(rows)
         return items["train"], items["held_out"]
     conversations = read_conversations(data)
     if len(conversations) < 10:
@@ -300,11 +335,12 @@ def check_finetune_out(out_dir: str | Path) -> Path:
 
 
 def save_finetuned(model: torch.nn.Module, tokenizer: ChatTokenizer, out_dir: Path, report: dict) -> Path:
-    "Model, chat tokenizer and report into a hidden folder beside out_dir, then renamed into place."
+    "Model, chat tokenizer, report and Jinja chat template into a hidden folder beside out_dir, then renamed into place."
     staging, old = (out_dir.parent / f".{out_dir.name}.{os.getpid()}.{end}" for end in ("tmp", "old"))
     shutil.rmtree(staging, ignore_errors=True)
     save_pretrained(model, staging, tokenizer)
     atomic_write_text(staging / FINETUNE_REPORT, json.dumps(report, indent=1) + "\n")
+    atomic_write_text(staging / CHAT_TEMPLATE_FILE, chat_template(tokenizer))  # for apply_chat_template
     if out_dir.exists():
         os.replace(out_dir, old)
     os.replace(staging, out_dir)
@@ -334,19 +370,21 @@ def finetune_checkpoint(checkpoint: str | Path, out_dir: str | Path, data: str |
     if not train:
         raise CourseError(f"no training conversation fits the model's block_size={block}; write shorter ones.")
     before = dict(exact_match=exact_match(model, chat, held), bits_per_byte=held_out_bits_per_byte(model, chat, profile))
+    longest = max(len(render_conversation(chat, messages)[0]) for messages in train) - 1  # pad batches no wider
     model = prepare(model) if prepare else model
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     with tempfile.TemporaryDirectory() as run_dir:  # the trainer's checkpoints are not kept
-        config = TrainConfig(out_dir=run_dir, block_size=block, batch_size=batch_size, max_steps=steps, eval_every=0,
+        config = TrainConfig(out_dir=run_dir, block_size=longest, batch_size=batch_size, max_steps=steps, eval_every=0,
                              schedule=dict(max_lr=lr, min_lr=lr / 10, warmup_steps=min(20, max(1, steps // 10))),
                              seed=seed, progress=False, tensorboard=False, precision="fp32", device=device,
                              log_every=steps)
         sft_trainer(model, chat, train, config).fit()
     model = (finish(model) if finish else model).cpu().eval()
     after = dict(exact_match=exact_match(model, chat, held), bits_per_byte=held_out_bits_per_byte(model, chat, profile))
-    report = dict(checkpoint=str(checkpoint), data=str(data), method=method, steps=steps, limit=limit,
-                  profile=profile.name, train_conversations=len(train), trainable_parameters=trainable,
-                  held_out="instruction_data held-out items" if data == "chat" else "every 10th conversation",
+    report = dict(checkpoint=str(checkpoint), data=str(data), method=method, steps=steps, lr=lr, batch_size=batch_size,
+                  limit=limit, profile=profile.name, train_conversations=len(train), trainable_parameters=trainable,
+                  held_out=HELD_OUT.get(str(data).split(":")[0], "every 10th conversation"),
+                  constant={family: best_constant(items) for family, items in held.items()},
                   before=before, after=after, seconds=round(time.perf_counter() - started, 1))
     save_finetuned(model, chat, out_dir, report)
     return report
@@ -354,16 +392,15 @@ def finetune_checkpoint(checkpoint: str | Path, out_dir: str | Path, data: str |
 
 # %% ../nbs/11_sft.ipynb #4d55243d
 def format_finetune_report(report: dict) -> str:
-    "The before/after table of a finetune report."
-    rows = [f"{'family':>10} {'n':>4}  {'exact match':>14}  {'ended with <|end|>':>18}"]
+    "The before/after table of a finetune report, beside the best constant answer's score."
+    rows = [f"{'family':>10} {'n':>4}  {'exact match':>14}  {'one constant answer':>19}  {'ended with <|end|>':>18}"]
     for family, was in report["before"]["exact_match"].items():
-        now = report["after"]["exact_match"][family]
+        now, constant = report["after"]["exact_match"][family], report.get("constant", {}).get(family)
         rows.append(f"{family:>10} {now['n']:>4}  {was['exact_match']:>6.0%} -> {now['exact_match']:<4.0%}  "
-                    f"{was['ended']:>10.0%} -> {now['ended']:<4.0%}")
+                    f"{'' if constant is None else f'{constant:.0%}':>19}  {was['ended']:>10.0%} -> {now['ended']:<4.0%}")
     bpb = report["before"]["bits_per_byte"], report["after"]["bits_per_byte"]
     rows.append(f"held-out plays: {bpb[0]:.3f} -> {bpb[1]:.3f} bits per byte (the base skill fine-tuning costs)")
     return "\n".join(rows)
-
 
 # %% ../nbs/11_sft.ipynb #cc12c857
 def fit_history(tokenizer: ChatTokenizer, messages: Sequence[dict], room: int) -> tuple[list[dict], int]:

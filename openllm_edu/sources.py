@@ -18,8 +18,8 @@ from .data import dedupe_documents, normalize_document, shakespeare_documents, t
 
 # %% auto #0
 __all__ = ['SQUAD_REPOS', 'SQUAD_MIN_CHARS', 'TEXT_FILE_KINDS', 'CORPORA', 'CorpusReport', 'clean_documents', 'squad_contexts',
-           'hub_offline', 'load_squad', 'find_text_files', 'is_binary_file', 'is_utf8_file', 'load_text_files',
-           'load_corpus']
+           'hub_offline', 'squad_answers', 'load_squad_rows', 'load_squad', 'find_text_files', 'is_binary_file',
+           'is_utf8_file', 'load_text_files', 'load_corpus']
 
 # %% ../nbs/01b_data_sources.ipynb #271ce52a
 def _length_histogram(lengths: Sequence[int]) -> list[list[int]]:
@@ -181,31 +181,40 @@ def _read_table(files: Sequence[Path], kind: str, **options) -> dict[str, list]:
                               "check that the files are valid and UTF-8 encoded.") from None
 
 
+def squad_answers(answers) -> list[str]:
+    "The answer texts of one question, from the hub's {'text': [...]} or the original [{'text': ...}, ...]."
+    if isinstance(answers, dict):
+        return list(answers.get("text") or [])
+    return [answer["text"] for answer in answers or []]
+
+
 def _squad_rows(path: Path) -> list[dict]:
-    "Rows with a `context` from one SQuAD file: the original nested JSON, or flat JSON lines / Parquet."
+    """Rows {context, question, answers} of one SQuAD file: the original nested JSON, or flat JSON lines / Parquet.
+    A paragraph without questions gives one row with question None."""
     if path.suffix.lower() == ".json":
         with open(path, encoding="utf-8") as f:
             head = f.read(4096).lstrip()
         if head.startswith("{") and '"data"' in head:
             data = json.loads(path.read_text(encoding="utf-8"))
-            return [{"context": p["context"]} for article in data["data"] for p in article["paragraphs"]]
+            return [{"context": p["context"], "question": qa and qa["question"], "answers": squad_answers(qa and qa["answers"])}
+                    for article in data["data"] for p in article["paragraphs"] for qa in p.get("qas") or [None]]
     columns = _read_table([path], TEXT_FILE_KINDS[path.suffix.lower()])
     if "context" not in columns:
         raise CourseError(f"{path} has no `context` column (it has {sorted(columns)}), so it is not in SQuAD "
                           "format; pass it as a plain corpus path instead.")
-    return [{"context": c} for c in columns["context"]]
+    n = len(columns["context"])
+    return [{"context": context, "question": question, "answers": squad_answers(answers)} for context, question, answers
+            in zip(columns["context"], columns.get("question", [None] * n), columns.get("answers", [None] * n))]
 
 
-def load_squad(version: str = "1.1", data_files: str | Path | Sequence[str | Path] | None = None,
-               min_chars: int = SQUAD_MIN_CHARS) -> list[str]:
-    """SQuAD's unique contexts (all splits, train first), from local `data_files` or through `datasets`.
-    Offline without a cached copy, raises `CourseError` within seconds saying how to get the data."""
+def load_squad_rows(version: str = "1.1", data_files: str | Path | Sequence[str | Path] | None = None) -> list[dict]:
+    """SQuAD's rows {context, question, answers} (all splits, train first), from local `data_files` or through
+    `datasets`. Offline without a cached copy, raises `CourseError` within seconds saying how to get the data."""
     if version not in SQUAD_REPOS:
         raise CourseError(f"unknown SQuAD version {version!r}; use one of {sorted(SQUAD_REPOS)}.")
     if data_files is not None:
-        rows = [row for path in find_text_files(data_files, suffixes=(".json", ".jsonl", ".parquet"))
+        return [row for path in find_text_files(data_files, suffixes=(".json", ".jsonl", ".parquet"))
                 for row in _squad_rows(path)]
-        return squad_contexts(rows, min_chars)
     repo = SQUAD_REPOS[version]
     if not hub_offline() and not _hub_reachable():
         raise _squad_unavailable(repo, "huggingface.co cannot be reached (if you downloaded it before, set "
@@ -215,8 +224,17 @@ def load_squad(version: str = "1.1", data_files: str | Path | Sequence[str | Pat
         splits = datasets.load_dataset(repo)
     except (ConnectionError, FileNotFoundError) as e:
         raise _squad_unavailable(repo, f"offline and not in the local cache ({type(e).__name__})") from None
-    rows = ({"context": c} for name in sorted(splits, key=lambda s: s != "train") for c in splits[name]["context"])
-    return squad_contexts(rows, min_chars)
+    columns = [splits[name].select_columns(["context", "question", "answers"]).to_dict()
+               for name in sorted(splits, key=lambda s: s != "train")]
+    return [{"context": c, "question": q, "answers": squad_answers(a)}
+            for split in columns for c, q, a in zip(split["context"], split["question"], split["answers"])]
+
+
+def load_squad(version: str = "1.1", data_files: str | Path | Sequence[str | Path] | None = None,
+               min_chars: int = SQUAD_MIN_CHARS) -> list[str]:
+    "SQuAD's unique contexts (all splits, train first): `load_squad_rows` through `squad_contexts`."
+    return squad_contexts(load_squad_rows(version, data_files), min_chars)
+
 
 # %% ../nbs/01b_data_sources.ipynb #dd2555c7
 def find_text_files(paths: str | Path | Iterable[str | Path],

@@ -37,6 +37,7 @@ from openllm_edu.sources import (
     find_text_files,
     load_corpus,
     load_squad,
+    load_squad_rows,
     load_text_files,
     squad_contexts,
 )
@@ -202,6 +203,19 @@ def test_load_squad_from_local_files():
     assert load_squad(data_files=FIXTURES / "squad_nested.json") == [NORMANS, PHOTOSYNTHESIS]
     with pytest.raises(CourseError, match="unknown SQuAD version"):
         load_squad("3.0")
+
+
+def test_load_squad_rows_keep_questions_and_answers():
+    "Both SQuAD layouts give the rows the json module reads from the fixtures, answers as lists of texts."
+    flat = [json.loads(line) for line in (FIXTURES / "squad_sample.jsonl").read_text().splitlines()]
+    assert load_squad_rows(data_files=FIXTURES / "squad_sample.jsonl") == [
+        {"context": r["context"], "question": r["question"], "answers": r["answers"]["text"]} for r in flat]
+    nested = json.loads((FIXTURES / "squad_nested.json").read_text())
+    expected = [{"context": p["context"], "question": qa["question"], "answers": [a["text"] for a in qa["answers"]]}
+                for article in nested["data"] for p in article["paragraphs"] for qa in p["qas"]]
+    assert load_squad_rows(data_files=FIXTURES / "squad_nested.json") == expected
+    with pytest.raises(CourseError, match="unknown SQuAD version"):
+        load_squad_rows("3.0")
 
 
 def test_load_squad_offline_fails_fast(tmp_path):

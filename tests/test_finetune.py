@@ -4,6 +4,7 @@ against render_conversation's mask, reproducible and resumable), and a short fin
 that must beat the base model's exact match and learn to end its turn."""
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,18 +12,25 @@ import torch
 from openllm_edu.chat import ChatTokenizer, render_conversation, resize_embeddings
 from openllm_edu.core import CourseError
 from openllm_edu.finetune import (
+    UNANSWERABLE,
     ConversationSampler,
     alpaca_to_messages,
+    best_constant,
     exact_match,
+    finetune_conversations,
     fits_block,
     instruction_data,
     read_conversations,
     sft_trainer,
+    squad_instruction_data,
     write_conversations,
 )
 from openllm_edu.model import IGNORE_INDEX, course_documents, course_model
+from openllm_edu.sources import load_squad_rows
 from openllm_edu.tasks import SPEAKER_LINE
 from openllm_edu.train_config import TrainConfig
+
+FIXTURES = Path(__file__).parent / "fixtures" / "data"
 
 LINES = 1  # the ci profile's course model sees 64 tokens
 BAR = 0.1  # measured under ci: play 0 % -> 17 % (30 items), every other family 0 % -> 0 %
@@ -115,6 +123,30 @@ def test_alpaca_records_become_conversations():
     for bad in [{"instruction": "x"}, {"instruction": "x", "output": 1}, {"instruction": "x", "output": "y", "input": 2}]:
         with pytest.raises(CourseError):
             alpaca_to_messages(bad)
+
+
+def test_squad_rows_become_question_answering_conversations():
+    "The fixture's SQuAD questions, graded on paragraphs the training side never shows (split by paragraph hash)."
+    rows = load_squad_rows(data_files=FIXTURES / "squad_sample.jsonl") + [
+        {"context": "A paragraph SQuAD 2.0 cannot answer from.", "question": "Who wrote it?", "answers": []}]
+    items = squad_instruction_data(rows, every=5)
+    conversations = items["train"] + items["held_out"]["squad"]
+    expected = {(f"Answer from the passage.\n{r['context']}\nQuestion: {r['question']}",
+                 r["answers"][0] if r["answers"] else UNANSWERABLE) for r in rows}
+    assert {(m[0]["content"], m[1]["content"]) for m in conversations} == expected
+    assert len(conversations) == len(rows) and items["train"] and items["held_out"]["squad"]
+    paragraph = lambda messages: messages[0]["content"].split("\n")[1]
+    assert not {paragraph(m) for m in items["train"]} & {paragraph(m) for m in items["held_out"]["squad"]}
+    with pytest.raises(CourseError, match="give more paragraphs"):  # one paragraph cannot be on both sides
+        squad_instruction_data(rows[:1], every=5)
+    from_file = squad_instruction_data(rows[:-1])  # the command line's --data squad:FILE
+    assert finetune_conversations(f"squad:{FIXTURES / 'squad_sample.jsonl'}", None, 1) == (
+        from_file["train"], from_file["held_out"])
+
+
+def test_best_constant_is_the_most_common_answer_share():
+    items = [[{"role": "user", "content": "q"}, {"role": "assistant", "content": a}] for a in ["1", "2", " 1", "1", "3"]]
+    assert best_constant(items) == 3 / 5 and best_constant([]) == 0.0
 
 
 def test_sampler_targets_are_the_masked_ids(data, chat):

@@ -8,16 +8,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jinja2
 import pytest
 
-from openllm_edu.chat import ChatTokenizer, load_chat_model, resize_embeddings
+from openllm_edu.chat import ChatTokenizer, load_chat_model, render_conversation, resize_embeddings
 from openllm_edu.cli import CLI_WORKER, main
 from openllm_edu.finetune import exact_match, fits_block, greedy_reply, instruction_data, write_conversations
 from openllm_edu.model import course_model, course_model_dir, load_pretrained
 
 ROOT = Path(__file__).resolve().parent.parent
-REPORT_KEYS = {"checkpoint", "data", "method", "steps", "limit", "profile", "train_conversations",
-               "trainable_parameters", "held_out", "before", "after", "seconds"}
+REPORT_KEYS = {"checkpoint", "data", "method", "steps", "lr", "batch_size", "limit", "profile", "train_conversations",
+               "trainable_parameters", "held_out", "constant", "before", "after", "seconds"}
 
 
 def openllm_edu(*args, stdin=None):
@@ -56,6 +57,13 @@ def test_finetune_saves_a_chat_model_graded_as_the_report_says(checkpoint, tuned
     held = {family: fits_block(items, chat, 64)[:2]  # the ci model's block: one-line passages
             for family, items in instruction_data("ci", lines=1)["held_out"].items()}
     assert exact_match(model, chat, held) == report["after"]["exact_match"]
+    for family, items in held.items():  # the floor printed beside each family: the most common answer's share
+        answers = [messages[-1]["content"] for messages in items]
+        assert report["constant"][family] == max(answers.count(a) for a in answers) / len(answers)
+    assert report["lr"] == 3e-4 and "one constant answer" in done.stdout
+    template = jinja2.Template((out / "chat_template.jinja").read_text(encoding="utf-8"))
+    messages = held["count"][0]
+    assert chat.encode_with_specials(template.render(messages=messages)) == render_conversation(chat, messages)[0]
     assert exact_match(resize_embeddings(base_model, chat.vocab_size), chat, held) == report["before"]["exact_match"]
     assert report["before"]["bits_per_byte"] != report["after"]["bits_per_byte"]
 
@@ -110,6 +118,8 @@ def test_bad_input_is_one_line_and_exit_2(checkpoint, tuned, tmp_path, monkeypat
              "no conversation file": [*finetune, "--data", str(tmp_path / "missing.jsonl")],
              "line 1": [*finetune, "--data", str(bad_file)],
              "--lora 0": [*finetune, "--lora", "0"], "--steps 0": [*finetune, "--steps", "0"],
+             "does not exist": [*finetune, "--data", f"squad:{tmp_path / 'missing.json'}"],
+             "--lr 0.0": [*finetune, "--lr", "0"], "--lr 2.0": [*finetune, "--lr", "2"],
              "holds other files": ["finetune", "--checkpoint", str(checkpoint), "--out", str(crowded)],
              "openllm-edu finetune": ["chat", "--checkpoint", str(checkpoint)],
              "--max-new-tokens 64": ["chat", "--checkpoint", str(tuned[0]), "--max-new-tokens", "64"]}
