@@ -685,7 +685,7 @@ def reply_loss(train, test, vocab_size, masked, alpha=0.1):
     counts = torch.zeros(vocab_size, vocab_size, dtype=torch.float64)
     for ids, mask in train:
         for t in range(len(ids) - 1):
-            if mask[t] or not masked:  # the input's mask value: counts <|end|> -> next role, misses the first reply token
+            if mask[t] or not masked:  # the input's mask value, not the target's
                 counts[ids[t], ids[t + 1]] += 1
     log_probs = ((counts + alpha) / (counts + alpha).sum(dim=1, keepdim=True)).log()
     losses = [-log_probs[ids[t], ids[t + 1]].item() for ids, mask in test for t in range(len(ids) - 1) if mask[t + 1]]
