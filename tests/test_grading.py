@@ -680,6 +680,22 @@ def shortest_pick_rate(table, alphabet, items, normalize=None):
         hits += len(choices[picked]) == min(len(c) for c in choices)
     return hits / len(items)
 """),
+    "11_chat": ("reply_loss", """
+def reply_loss(train, test, vocab_size, masked, alpha=0.1):
+    counts = torch.zeros(vocab_size, vocab_size, dtype=torch.float64)
+    for ids, mask in train:
+        for t in range(len(ids) - 1):
+            if mask[t] or not masked:  # the input's mask value, not the target's
+                counts[ids[t], ids[t + 1]] += 1
+    log_probs = ((counts + alpha) / (counts + alpha).sum(dim=1, keepdim=True)).log()
+    losses = [-log_probs[ids[t], ids[t + 1]].item() for ids, mask in test for t in range(len(ids) - 1) if mask[t + 1]]
+    return sum(losses) / len(losses)
+"""),
+    "12_lora": ("low_rank_fit", """
+def low_rank_fit(delta, ranks):
+    sigma = torch.linalg.svdvals(delta)
+    return [(r * sum(delta.shape), (sigma[r:].sum() / sigma.sum()).item()) for r in ranks]  # the norm squares them
+"""),
 }
 
 
