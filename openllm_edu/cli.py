@@ -125,6 +125,8 @@ def _add_chat_commands(commands) -> None:
     finetune.add_argument("--out", required=True, help="new or empty folder (an earlier finetune output is replaced)")
     finetune.add_argument("--steps", type=int, default=200)
     finetune.add_argument("--limit", type=int, default=20, help="held-out items graded per family, before and after")
+    finetune.add_argument("--replay", type=float, default=0.5,
+                          help="share of each batch that is pretraining text, against forgetting (0 turns it off)")
     finetune.add_argument("--lr", type=float, default=None,
                           help="peak learning rate (default 3e-4 for full fine-tuning, 2e-3 for LoRA)")
     finetune.add_argument("--lora", type=int, default=None, metavar="R",
@@ -510,7 +512,8 @@ def cmd_finetune(args) -> int:
     lr = args.lr or (LORA_LR if args.lora else FULL_FINETUNE_LR)
     report = finetune_checkpoint(saved_model_folder(args.checkpoint), args.out, data=args.data, steps=args.steps,
                                  limit=args.limit, profile=args.profile, prepare=prepare, finish=finish,
-                                 method=f"lora r={args.lora}" if args.lora else "full", lr=lr)
+                                 method=f"lora r={args.lora}" if args.lora else "full", lr=lr,
+                                 replay=args.replay)
     print(format_finetune_report(report))
     print(f"chat model and {FINETUNE_REPORT}: {args.out}; talk with it: openllm-edu chat --checkpoint {args.out}")
     return 0

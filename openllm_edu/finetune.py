@@ -37,9 +37,9 @@ __all__ = ['FAMILIES', 'UNANSWERABLE', 'FINETUNE_REPORT', 'CHAT_TEMPLATE_FILE', 
            'family_items', 'check_families', 'instruction_data', 'line_hashes', 'passage_lines', 'write_conversations',
            'read_conversations', 'alpaca_to_messages', 'squad_conversation', 'squad_instruction_data',
            'conversation_examples', 'fits_block', 'ConversationSampler', 'sft_trainer', 'greedy_reply', 'exact_match',
-           'best_constant', 'split_conversations', 'finetune_conversations', 'held_out_bits_per_byte',
-           'check_finetune_out', 'save_finetuned', 'finetune_checkpoint', 'format_finetune_report', 'fit_history',
-           'stream_reply']
+           'best_constant', 'replay_examples', 'split_conversations', 'finetune_conversations',
+           'held_out_bits_per_byte', 'check_finetune_out', 'save_finetuned', 'finetune_checkpoint',
+           'format_finetune_report', 'fit_history', 'stream_reply']
 
 # %% ../nbs/11_sft.ipynb #4c40e44c
 def speech_text(scene: Scene, speech) -> str:
@@ -206,10 +206,11 @@ class ConversationSampler(BatchSampler):
     (seed, step), pads them to block_size, and can resume from any step."""
 
     def __init__(self, conversations: Sequence[Sequence[dict]], tokenizer: ChatTokenizer, batch_size: int,
-                 block_size: int, seed: int = 0, step: int = 0):
+                 block_size: int, seed: int = 0, step: int = 0, replay: Sequence[tuple] = ()):
         if not conversations:
             raise CourseError("no conversations to train on; pass at least one.")
-        self.examples = conversation_examples(conversations, tokenizer, block_size)
+        # replay: (x, y) windows of pretraining text drawn like conversations (see replay_examples)
+        self.examples = conversation_examples(conversations, tokenizer, block_size) + list(replay)
         self.pad_id, self.batch_size, self.block_size = tokenizer.pad_id, batch_size, block_size
         self.seed, self.step = seed, step
 
@@ -231,8 +232,9 @@ class ConversationSampler(BatchSampler):
 
 # %% ../nbs/11_sft.ipynb #cd2ef735
 def sft_trainer(model: torch.nn.Module, tokenizer: ChatTokenizer, conversations: Sequence[Sequence[dict]],
-                config: TrainConfig, **parts) -> Trainer:
-    "A Trainer that fine-tunes `model` on `conversations`; `parts` (checkpointer, loggers, callbacks) go to Trainer."
+                config: TrainConfig, replay: Sequence[tuple] = (), **parts) -> Trainer:
+    """A Trainer that fine-tunes `model` on `conversations` (and `replay` windows of pretraining text, if any);
+    `parts` (checkpointer, loggers, callbacks) go to Trainer."""
     if config.eval_every:
         raise CourseError(f"eval_every={config.eval_every}: sft_trainer does not evaluate during training; "
                           "set eval_every=0 and measure afterwards with exact_match.")
@@ -241,7 +243,8 @@ def sft_trainer(model: torch.nn.Module, tokenizer: ChatTokenizer, conversations:
                           "call resize_embeddings(model, tokenizer.vocab_size) first.")
     torch.manual_seed(config.seed)
     model = model.to(resolve_device(config.device))
-    sampler = ConversationSampler(conversations, tokenizer, config.batch_size, config.block_size, seed=config.seed)
+    sampler = ConversationSampler(conversations, tokenizer, config.batch_size, config.block_size, seed=config.seed,
+                                  replay=replay)
     ids = np.concatenate([x.numpy() for x, _ in sampler.examples])
     data = TrainData(train=ids, val=ids[:0], val_bytes=0, vocab_size=tokenizer.vocab_size,
                      tokenizer_fingerprint=tokenizer.fingerprint)
@@ -280,6 +283,25 @@ def best_constant(items: Sequence[Sequence[dict]]) -> float:
     "The exact match of the best single reply to every item: the most common gold answer's share."
     answers = [messages[-1]["content"].strip() for messages in items]
     return max(map(answers.count, answers)) / len(answers) if answers else 0.0
+
+# %% ../nbs/11_sft.ipynb #f5a8b1c6
+def replay_examples(tokenizer, documents: Sequence[str], n: int, length: int, seed: int = 0) -> list[tuple]:
+    """`n` (x, y) windows of `length` ids cut at random from `documents` (each followed by eos, as pretraining read
+    them), every target kept: pretraining text to mix into fine-tuning batches."""
+    if n < 1 or length < 1:
+        return []
+    base = tokenizer.base if isinstance(tokenizer, ChatTokenizer) else tokenizer  # its eos, not the chat's <|end|>
+    rng, ids = random.Random(seed), []
+    for k in rng.sample(range(len(documents)), len(documents)):  # encode documents until the windows need not overlap
+        ids += [*base.encode(documents[k]), base.eos_id]
+        if len(ids) > (n + 1) * length:
+            break
+    if len(ids) <= length:
+        raise CourseError(f"the documents hold {len(ids)} ids, too few for one replay window of {length}; "
+                          "give more text or turn replay off.")
+    ids = torch.tensor(ids)
+    starts = [rng.randrange(len(ids) - length) for _ in range(n)]
+    return [(ids[s:s + length], ids[s + 1:s + length + 1]) for s in starts]
 
 # %% ../nbs/11_sft.ipynb #0e19ce2c
 FINETUNE_REPORT, CHAT_TEMPLATE_FILE = "finetune.json", "chat_template.jinja"
@@ -351,13 +373,16 @@ def save_finetuned(model: torch.nn.Module, tokenizer: ChatTokenizer, out_dir: Pa
 # %% ../nbs/11_sft.ipynb #100ccc98
 def finetune_checkpoint(checkpoint: str | Path, out_dir: str | Path, data: str | Path = "chat", steps: int = 200,
                         limit: int = 20, profile=None, prepare: Callable | None = None, finish: Callable | None = None,
-                        method: str = "full", batch_size: int = 8, lr: float = 2e-3, seed: int = 0,
-                        device: str = "cpu") -> dict:
+                        method: str = "full", batch_size: int = 8, lr: float = 2e-3, replay: float = 0.0,
+                        seed: int = 0, device: str = "cpu") -> dict:
     """Fine-tune the model saved in `checkpoint` on `data` for `steps`, save it with its ChatTokenizer and
     finetune.json to `out_dir`, and return the report: exact match and <|end|> rate on the first `limit` held-out
-    items of each family, and held-out bits per byte, before and after."""
+    items of each family, and held-out bits per byte, before and after. `replay`: the share of training rows that
+    are windows of pretraining text (0 <= replay < 1)."""
     if not is_whole_number(steps) or not is_whole_number(limit):
         raise CourseError(f"steps={steps!r} and limit={limit!r} must be positive whole numbers, e.g. 200 and 20.")
+    if not 0 <= replay < 1:
+        raise CourseError(f"replay={replay!r}: give the share of pretraining rows, from 0 (none) to below 1, e.g. 0.5.")
     profile, out_dir, started = as_profile(profile), check_finetune_out(out_dir), time.perf_counter()
     model, base = load_pretrained(checkpoint)
     if base is None:
@@ -378,10 +403,12 @@ def finetune_checkpoint(checkpoint: str | Path, out_dir: str | Path, data: str |
                              schedule=dict(max_lr=lr, min_lr=lr / 10, warmup_steps=min(20, max(1, steps // 10))),
                              seed=seed, progress=False, tensorboard=False, precision="fp32", device=device,
                              log_every=steps)
-        sft_trainer(model, chat, train, config).fit()
+        windows = replay_examples(chat, course_documents(profile)[0], round(len(train) * replay / (1 - replay)),
+                                  longest, seed)
+        sft_trainer(model, chat, train, config, replay=windows).fit()
     model = (finish(model) if finish else model).cpu().eval()
     after = dict(exact_match=exact_match(model, chat, held), bits_per_byte=held_out_bits_per_byte(model, chat, profile))
-    report = dict(checkpoint=str(checkpoint), data=str(data), method=method, steps=steps, lr=lr, batch_size=batch_size,
+    report = dict(checkpoint=str(checkpoint), data=str(data), method=method, steps=steps, lr=lr, batch_size=batch_size, replay=replay,
                   limit=limit, profile=profile.name, train_conversations=len(train), trainable_parameters=trainable,
                   held_out=HELD_OUT.get(str(data).split(":")[0], "every 10th conversation"),
                   constant={family: best_constant(items) for family, items in held.items()},

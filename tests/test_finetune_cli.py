@@ -17,7 +17,7 @@ from openllm_edu.finetune import exact_match, fits_block, greedy_reply, instruct
 from openllm_edu.model import course_model, course_model_dir, load_pretrained
 
 ROOT = Path(__file__).resolve().parent.parent
-REPORT_KEYS = {"checkpoint", "data", "method", "steps", "lr", "batch_size", "limit", "profile", "train_conversations",
+REPORT_KEYS = {"checkpoint", "data", "method", "steps", "lr", "batch_size", "replay", "limit", "profile", "train_conversations",
                "trainable_parameters", "held_out", "constant", "before", "after", "seconds"}
 
 
@@ -60,7 +60,7 @@ def test_finetune_saves_a_chat_model_graded_as_the_report_says(checkpoint, tuned
     for family, items in held.items():  # the floor printed beside each family: the most common answer's share
         answers = [messages[-1]["content"] for messages in items]
         assert report["constant"][family] == max(answers.count(a) for a in answers) / len(answers)
-    assert report["lr"] == 3e-4 and "one constant answer" in done.stdout
+    assert report["lr"] == 3e-4 and report["replay"] == 0.5 and "one constant answer" in done.stdout
     template = jinja2.Template((out / "chat_template.jinja").read_text(encoding="utf-8"))
     messages = held["count"][0]
     assert chat.encode_with_specials(template.render(messages=messages)) == render_conversation(chat, messages)[0]
@@ -119,7 +119,7 @@ def test_bad_input_is_one_line_and_exit_2(checkpoint, tuned, tmp_path, monkeypat
              "line 1": [*finetune, "--data", str(bad_file)],
              "--lora 0": [*finetune, "--lora", "0"], "--steps 0": [*finetune, "--steps", "0"],
              "does not exist": [*finetune, "--data", f"squad:{tmp_path / 'missing.json'}"],
-             "--lr 0.0": [*finetune, "--lr", "0"], "--lr 2.0": [*finetune, "--lr", "2"],
+             "replay=1.0": [*finetune, "--replay", "1"], "--lr 0.0": [*finetune, "--lr", "0"], "--lr 2.0": [*finetune, "--lr", "2"],
              "holds other files": ["finetune", "--checkpoint", str(checkpoint), "--out", str(crowded)],
              "openllm-edu finetune": ["chat", "--checkpoint", str(checkpoint)],
              "--max-new-tokens 64": ["chat", "--checkpoint", str(tuned[0]), "--max-new-tokens", "64"]}
