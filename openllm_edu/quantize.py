@@ -26,13 +26,13 @@ from .model import CONFIG_FILE, MODEL_TYPE, TOKENIZER_DIR, GPT, GPTConfig
 from .tokenizer import load_tokenizer
 
 # %% auto #0
-__all__ = ['TINY', 'METHODS', 'QUANTIZE_TARGETS', 'QUANTIZED_WEIGHTS', 'QUANTIZATION_FILE', 'QUANTIZATION_FORMAT',
+__all__ = ['TINY', 'METHODS', 'QUANTIZE_TARGETS', 'QUANTIZATION_FORMAT', 'QUANTIZED_WEIGHTS', 'QUANTIZATION_FILE',
            'TORCHAO_CONFIGS', 'QuantizedTensor', 'as_groups', 'quantize_symmetric', 'dequantize', 'quantize_asymmetric',
            'relative_error', 'pack_int4', 'unpack_int4', 'method_spec', 'check_fits', 'QuantizedLinear',
            'has_int8_matmul', 'int8_dynamic_linear', 'quantized_layers', 'quantize_target_names', 'quantize_model',
-           'dequantize_model', 'linear_weight_bytes', 'model_tensors', 'state_bytes', 'quantization_settings',
-           'save_quantized', 'load_quantized', 'import_torchao', 'torchao_quantize', 'quantized_variant',
-           'held_out_text', 'quantize_report']
+           'dequantize_model', 'linear_weight_bytes', 'model_tensors', 'model_file', 'state_bytes',
+           'quantization_settings', 'save_quantized', 'load_quantized', 'import_torchao', 'torchao_quantize',
+           'quantized_variant', 'held_out_text', 'quantize_report']
 
 # %% ../nbs/13_quantize.ipynb #ec376d03
 @dataclass
@@ -290,13 +290,20 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
+QUANTIZATION_FORMAT = "openllm_edu.quantize"
+
+
+def model_file(model: nn.Module) -> bytes:
+    "The safetensors file holding model_tensors(model): what save_quantized writes."
+    return save_safetensors(model_tensors(model), metadata={"format": QUANTIZATION_FORMAT})
+
+
 def state_bytes(model: nn.Module) -> int:
-    "Bytes of the safetensors file holding model_tensors(model)."
-    return len(save_safetensors(model_tensors(model)))
+    "Bytes of the model's file (model_file)."
+    return len(model_file(model))
 
 # %% ../nbs/13_quantize.ipynb #7ff427e7
 QUANTIZED_WEIGHTS, QUANTIZATION_FILE = "model.quantized.safetensors", "quantization.json"
-QUANTIZATION_FORMAT = "openllm_edu.quantize"
 
 
 def quantization_settings(model: nn.Module) -> dict:
@@ -315,8 +322,7 @@ def quantization_settings(model: nn.Module) -> dict:
 def save_quantized(model: GPT, directory: str | Path, tokenizer=None) -> Path:
     "Write the quantised model's tensors, quantization.json, config.json and (if given) tokenizer/, each atomically."
     settings, directory = quantization_settings(model), Path(directory)
-    weights = save_safetensors(model_tensors(model), metadata={"format": QUANTIZATION_FORMAT})
-    atomic_write_bytes(directory / QUANTIZED_WEIGHTS, weights)
+    atomic_write_bytes(directory / QUANTIZED_WEIGHTS, model_file(model))
     if tokenizer is not None:
         tokenizer.save(directory / TOKENIZER_DIR)
     atomic_write_text(directory / QUANTIZATION_FILE, json.dumps(settings, indent=2) + "\n")
