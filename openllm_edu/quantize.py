@@ -22,7 +22,7 @@ from torch import nn
 from .core import CourseError, atomic_write_bytes, atomic_write_text, is_whole_number
 from .lora import linear_names, matches_target, tied_linear_names
 from .metrics import count_utf8_bytes, evaluate_lm
-from .model import CONFIG_FILE, MODEL_TYPE, TOKENIZER_DIR, GPT, GPTConfig
+from .model import CONFIG_FILE, MODEL_TYPE, TOKENIZER_DIR, GPT, GPTConfig, course_documents
 from .tokenizer import load_tokenizer
 
 # %% auto #0
@@ -426,7 +426,6 @@ def quantized_variant(model: nn.Module, method: str) -> nn.Module:
 
 def held_out_text(profile, max_chars: int = 20_000) -> str:
     "The first max_chars characters of the profile's held-out plays."
-    from openllm_edu.model import course_documents
     return "\n".join(course_documents(profile)[1])[:max_chars]
 
 

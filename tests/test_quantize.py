@@ -174,12 +174,12 @@ def test_dynamic_int8_is_the_integer_product_rescaled():
 
 
 def test_quantized_gpt_stays_close_to_fp32_on_the_course_model():
-    "Measured under ci: int8 0.0004, int4-g64 about 0.03 (logits span about -5 … 3); the bounds leave a margin."
+    "Max |logit difference| measured under ci: int8 0.0004, int4-g64 0.005 (logits span -4.6 … 3.0); 10× margins."
     model, _ = course_model("ci")
     idx = tokens(shape=(2, model.config.block_size), vocab=model.config.vocab_size)
     with torch.no_grad():
         reference = model(idx)[0]
-        for method, bound in (("int8", 0.01), ("int4-g64", 0.2)):
+        for method, bound in (("int8", 0.005), ("int4-g64", 0.05)):
             q = quantize_model(copy.deepcopy(model), method)
             assert len(quantized_layers(q)) == 4 * model.config.n_layer
             gap = (q(idx)[0] - reference).abs().max().item()
