@@ -32,7 +32,7 @@ __all__ = ['TINY', 'METHODS', 'QUANTIZE_TARGETS', 'QUANTIZATION_FORMAT', 'QUANTI
            'has_int8_matmul', 'int8_dynamic_linear', 'quantized_layers', 'quantize_target_names', 'quantize_model',
            'dequantize_model', 'linear_weight_bytes', 'model_tensors', 'model_file', 'state_bytes',
            'quantization_settings', 'save_quantized', 'load_quantized', 'import_torchao', 'torchao_quantize',
-           'quantized_variant', 'held_out_text', 'quantize_report']
+           'quantized_variant', 'held_out_text', 'report_methods', 'quantize_report']
 
 # %% ../nbs/13_quantize.ipynb #ec376d03
 @dataclass
@@ -412,7 +412,7 @@ def torchao_quantize(model: nn.Module, method: str = "int8", keep_tied: bool = T
                      filter_fn=lambda module, name: isinstance(module, nn.Linear) and name not in tied)
     return model.eval()
 
-# %% ../nbs/13_quantize.ipynb #38491350
+# %% ../nbs/13_quantize.ipynb #0217ae8b
 def quantized_variant(model: nn.Module, method: str) -> nn.Module:
     "A quantised copy of `model`: 'fp32' (itself), 'bf16', one of METHODS, or 'torchao-int8' / 'torchao-int8-dynamic'."
     if method == "fp32":
@@ -429,8 +429,14 @@ def held_out_text(profile, max_chars: int = 20_000) -> str:
     return "\n".join(course_documents(profile)[1])[:max_chars]
 
 
-def quantize_report(model: nn.Module, tokenizer, methods=("fp32", "bf16", *METHODS), text: str = "") -> list[dict]:
-    "Per method: bits per byte on `text`, its change from fp32, bytes of the linear weights and of the whole file."
+def report_methods() -> tuple[str, ...]:
+    "fp32, bf16 and every method of METHODS this PyTorch runs (int8-dynamic needs an int8 matmul)."
+    return ("fp32", "bf16", *(m for m in METHODS if m != "int8-dynamic" or has_int8_matmul()))
+
+
+def quantize_report(model: nn.Module, tokenizer, methods=None, text: str = "") -> list[dict]:
+    "Per method (default report_methods()): bits per byte on `text`, its change from fp32, linear-weight and file bytes."
+    methods = report_methods() if methods is None else methods
     if not text:
         raise CourseError("quantize_report needs text to score; pass e.g. held_out_text(profile).")
     ids = np.array(tokenizer.encode(text))
