@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import io
 import json
 import logging
 import warnings
@@ -27,12 +28,12 @@ from .tokenizer import load_tokenizer
 
 # %% auto #0
 __all__ = ['TINY', 'METHODS', 'QUANTIZE_TARGETS', 'QUANTIZATION_FORMAT', 'QUANTIZED_WEIGHTS', 'QUANTIZATION_FILE',
-           'TORCHAO_CONFIGS', 'QuantizedTensor', 'as_groups', 'quantize_symmetric', 'dequantize', 'quantize_asymmetric',
-           'relative_error', 'pack_int4', 'unpack_int4', 'method_spec', 'check_fits', 'QuantizedLinear',
-           'has_int8_matmul', 'int8_dynamic_linear', 'quantized_layers', 'quantize_target_names', 'quantize_model',
-           'dequantize_model', 'linear_weight_bytes', 'model_tensors', 'model_file', 'state_bytes',
+           'TORCHAO_CONFIGS', 'TORCHAO_WEIGHTS', 'QuantizedTensor', 'as_groups', 'quantize_symmetric', 'dequantize',
+           'quantize_asymmetric', 'relative_error', 'pack_int4', 'unpack_int4', 'method_spec', 'check_fits',
+           'QuantizedLinear', 'has_int8_matmul', 'int8_dynamic_linear', 'quantized_layers', 'quantize_target_names',
+           'quantize_model', 'dequantize_model', 'linear_weight_bytes', 'model_tensors', 'model_file', 'state_bytes',
            'quantization_settings', 'save_quantized', 'load_quantized', 'import_torchao', 'torchao_quantize',
-           'quantized_variant', 'held_out_text', 'report_methods', 'quantize_report']
+           'save_torchao', 'quantized_variant', 'held_out_text', 'report_methods', 'quantize_report']
 
 # %% ../nbs/13_quantize.ipynb #ec376d03
 @dataclass
@@ -361,21 +362,25 @@ def _load_tensors(model: nn.Module, path: Path, fix: str) -> None:
 
 
 def load_quantized(directory: str | Path) -> tuple[GPT, object]:
-    "The quantised model (on the CPU, in eval mode) and tokenizer (or None) that save_quantized wrote to `directory`."
+    "The quantised model (CPU, eval mode) and tokenizer (or None) that save_quantized (or save_torchao) wrote."
     directory, fix = Path(directory), "point at a folder written by save_quantized, or quantise and save again"
-    for name in (CONFIG_FILE, QUANTIZATION_FILE, QUANTIZED_WEIGHTS):
+    for name in (CONFIG_FILE, QUANTIZATION_FILE):
         if not (directory / name).is_file():
             raise CourseError(f"no quantised model in {directory}: {name} is missing; {fix}.")
     values, settings = _read_json(directory / CONFIG_FILE, fix), _read_json(directory / QUANTIZATION_FILE, fix)
     if values.pop("model_type", None) != MODEL_TYPE or settings.get("format") != QUANTIZATION_FORMAT:
         raise CourseError(f"{directory} does not hold an openllm_edu quantised GPT; {fix}.")
+    tokenizer = load_tokenizer(directory / TOKENIZER_DIR) if (directory / TOKENIZER_DIR).is_dir() else None
+    if str(settings.get("method")).startswith("torchao-"):  # written by save_torchao, further down
+        return _load_torchao(directory, GPTConfig.from_dict(values), settings["method"], fix).eval(), tokenizer
+    if not (directory / QUANTIZED_WEIGHTS).is_file():
+        raise CourseError(f"no quantised model in {directory}: {QUANTIZED_WEIGHTS} is missing; {fix}.")
     model = GPT(GPTConfig.from_dict(values))
     try:
         quantize_model(model, settings["method"], settings["modules"], settings["untie_head"])
     except KeyError as e:
         raise CourseError(f"{directory / QUANTIZATION_FILE} lacks {e}; {fix}.") from None
     _load_tensors(model, directory / QUANTIZED_WEIGHTS, fix)
-    tokenizer = load_tokenizer(directory / TOKENIZER_DIR) if (directory / TOKENIZER_DIR).is_dir() else None
     return model.eval(), tokenizer
 
 # %% ../nbs/13_quantize.ipynb #bd7dc5da
@@ -411,6 +416,37 @@ def torchao_quantize(model: nn.Module, method: str = "int8", keep_tied: bool = T
         ao.quantize_(model, getattr(ao, TORCHAO_CONFIGS[method])(),
                      filter_fn=lambda module, name: isinstance(module, nn.Linear) and name not in tied)
     return model.eval()
+
+# %% ../nbs/13_quantize.ipynb #b8d1e4f9
+TORCHAO_WEIGHTS = "model.torchao.pt"
+
+
+def save_torchao(model: GPT, directory: str | Path, method: str, tokenizer=None) -> Path:
+    "A model that torchao_quantize(model, method) made: its state_dict (torch.save), quantization.json, config.json."
+    directory, buffer = Path(directory), io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    atomic_write_bytes(directory / TORCHAO_WEIGHTS, buffer.getvalue())
+    if tokenizer is not None:
+        tokenizer.save(directory / TOKENIZER_DIR)
+    settings = dict(format=QUANTIZATION_FORMAT, method=f"torchao-{method}")
+    atomic_write_text(directory / QUANTIZATION_FILE, json.dumps(settings, indent=2) + "\n")
+    atomic_write_text(directory / CONFIG_FILE, json.dumps({"model_type": MODEL_TYPE, **model.config.to_dict()},
+                                                          indent=2) + "\n")
+    return directory
+
+
+def _load_torchao(directory: Path, config: GPTConfig, method: str, fix: str) -> GPT:
+    "The GPT of a save_torchao folder: quantised the same way, then its saved tensors assigned."
+    model = torchao_quantize(GPT(config), method.removeprefix("torchao-"))
+    try:
+        state = torch.load(directory / TORCHAO_WEIGHTS, map_location="cpu", weights_only=True)
+        model.load_state_dict(state, assign=True)
+    except FileNotFoundError:
+        raise CourseError(f"no quantised model in {directory}: {TORCHAO_WEIGHTS} is missing; {fix}.") from None
+    except (RuntimeError, OSError, EOFError, KeyError, ValueError) as e:
+        raise CourseError(f"{directory / TORCHAO_WEIGHTS} is damaged or does not fit its config "
+                          f"({type(e).__name__}: {str(e)[:160]}); {fix}.") from None
+    return model
 
 # %% ../nbs/13_quantize.ipynb #0217ae8b
 def quantized_variant(model: nn.Module, method: str) -> nn.Module:

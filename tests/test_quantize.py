@@ -33,6 +33,7 @@ from openllm_edu.quantize import (
     quantized_layers,
     relative_error,
     save_quantized,
+    save_torchao,
     state_bytes,
     torchao_quantize,
     unpack_int4,
@@ -327,6 +328,25 @@ def test_torchao_dynamic_and_its_default_filter():
     assert untied.lm_head.weight is not untied.wte.weight, "torchao's quantize_ breaks the tie"
     with pytest.raises(CourseError, match="torchao is compared"):
         torchao_quantize(copy.deepcopy(model), "int4-g32")
+
+
+def test_a_torchao_model_saves_and_loads_exactly(tmp_path):
+    pytest.importorskip("torchao")
+    model = tiny_gpt()
+    theirs = torchao_quantize(copy.deepcopy(model), "int8")
+    save_torchao(theirs, tmp_path / "ao", "int8")
+    loaded, tokenizer = load_quantized(tmp_path / "ao")
+    idx = tokens()
+    with torch.no_grad():
+        assert torch.equal(loaded(idx)[0], theirs(idx)[0]) and tokenizer is None
+    assert json.loads((tmp_path / "ao" / QUANTIZATION_FILE).read_text())["method"] == "torchao-int8"
+    weights = tmp_path / "ao" / "model.torchao.pt"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # cut short, as a crash would
+    with pytest.raises(CourseError, match="damaged"):
+        load_quantized(tmp_path / "ao")
+    weights.unlink()
+    with pytest.raises(CourseError, match="model.torchao.pt is missing"):
+        load_quantized(tmp_path / "ao")
 
 
 def test_the_module_imports_and_quantises_without_torchao():
