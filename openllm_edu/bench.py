@@ -20,16 +20,18 @@ from .core import PRECISIONS, CourseError, check_precision
 
 # %% auto #0
 __all__ = ['DTYPES', 'COMPILED', 'BENCH_VARIANTS', 'TRAINER_OVERHEAD_TARGET', 'SCORING_TARGET', 'FINETUNE_TARGETS',
-           'LORA_TRAIN_BYTES_TARGET', 'LORA_PEAK_TARGET', 'time_calls', 'time_interleaved', 'Timing', 'matmul_flops',
-           'time_matmul', 'measure_matmul_peak', 'model_flops_utilization', 'reuse_freed_memory', 'variant_settings',
-           'bench_variants', 'precision_dtype_name', 'precision_dtype', 'bench_config', 'bench_gpt', 'make_train_step',
-           'build_bare_step', 'time_training_steps', 'step_timing', 'bench_train_step', 'bench_generation',
-           'fastest_matmuls', 'use_peaks', 'bench_model', 'kv_cache_speedup', 'timing_table', 'format_model_bench',
-           'synthetic_train_data', 'trainer_precision', 'build_trainer_step', 'bench_trainer_step', 'bench_train',
-           'trainer_overhead', 'format_train_bench', 'scoring_rows', 'build_eval_pair', 'bench_eval', 'scoring_ratio',
-           'format_eval_bench', 'bench_data_parallel', 'format_data_parallel_bench', 'finetune_model', 'grad_bytes',
-           'state_bytes', 'count_step_bytes', 'FinetuneRow', 'finetune_step', 'check_finetune_settings',
-           'bench_finetune', 'finetune_ratios', 'format_finetune_bench']
+           'LORA_TRAIN_BYTES_TARGET', 'LORA_PEAK_TARGET', 'QUANT_INT8_DELTA_TARGET', 'QUANT_INT4_DELTA_TARGET',
+           'QUANT_INT8_BYTES_TARGET', 'QUANT_GENERATE_TARGET', 'time_calls', 'time_interleaved', 'Timing',
+           'matmul_flops', 'time_matmul', 'measure_matmul_peak', 'model_flops_utilization', 'reuse_freed_memory',
+           'variant_settings', 'bench_variants', 'precision_dtype_name', 'precision_dtype', 'bench_config', 'bench_gpt',
+           'make_train_step', 'build_bare_step', 'time_training_steps', 'step_timing', 'bench_train_step',
+           'bench_generation', 'fastest_matmuls', 'use_peaks', 'bench_model', 'kv_cache_speedup', 'timing_table',
+           'format_model_bench', 'synthetic_train_data', 'trainer_precision', 'build_trainer_step',
+           'bench_trainer_step', 'bench_train', 'trainer_overhead', 'format_train_bench', 'scoring_rows',
+           'build_eval_pair', 'bench_eval', 'scoring_ratio', 'format_eval_bench', 'bench_data_parallel',
+           'format_data_parallel_bench', 'finetune_model', 'grad_bytes', 'state_bytes', 'count_step_bytes',
+           'FinetuneRow', 'finetune_step', 'check_finetune_settings', 'bench_finetune', 'finetune_ratios',
+           'format_finetune_bench', 'quantize_timers', 'bench_quantize', 'quantize_targets', 'format_quantize_bench']
 
 # %% ../nbs/96_benchmarks.ipynb #0f62f793
 def _check_repeats(repeats: int, warmup: int) -> None:
@@ -698,3 +700,96 @@ def format_finetune_bench(rows: Sequence[FinetuneRow], estimate=None) -> str:
         lines.append(f"estimated (chapter 08): parameters {estimate.parameters / mb:.1f} MB, activations "
                      f"{estimate.activations / mb:.1f} MB, logits {estimate.logits / mb:.1f} MB")
     return "\n".join(lines)
+
+# %% ../nbs/96_benchmarks.ipynb #e2b5c8d1
+QUANT_INT8_DELTA_TARGET = 0.01  # int8 weight-only: held-out bits per byte at most 1 % above float32's
+QUANT_INT4_DELTA_TARGET = 0.05  # int4 in groups of 64: at most 5 % above
+QUANT_INT8_BYTES_TARGET = 0.30  # int8 linear weights, scales included: at most 30 % of their float32 bytes
+QUANT_GENERATE_TARGET = 1.3  # the best int8 path's generation tokens/s over float32's
+
+
+def quantize_timers(variants: Sequence[torch.nn.Module], prompt: torch.Tensor, new_tokens: int,
+                    batch: torch.Tensor) -> tuple[list[Callable], list[Callable]]:
+    "(generate, forward) callables of each variant: greedy generation with the KV cache, and one no-grad forward."
+    from openllm_edu.generate import GenerationConfig, generate
+    config = GenerationConfig(max_new_tokens=new_tokens, temperature=0.0, stop_at_eos=False)
+
+    def generating(model):
+        return lambda: generate(model, prompt, config, use_cache=True)
+
+    def forward(model):
+        def run():
+            with torch.no_grad():
+                model(batch)
+        return run
+
+    return [generating(v) for v in variants], [forward(v) for v in variants]
+
+# %% ../nbs/96_benchmarks.ipynb #f3c6d9e2
+def bench_quantize(model: torch.nn.Module, tokenizer=None, text: str = "", methods: Sequence[str] | None = None,
+                   new_tokens: int = 64, batch_size: int = 8, repeats: int = 3, seed: int = 0) -> list[dict]:
+    """Each method's row: bits per byte on `text` and its change from fp32 (None without a tokenizer and text),
+    linear-weight and file bytes, generation tokens/s (KV cache, batch 1) and forward tokens/s at batch_size."""
+    from openllm_edu.quantize import (linear_weight_bytes, quantize_report, quantized_variant, report_methods,
+                                      state_bytes)
+    methods = list(report_methods() if methods is None else methods)
+    if tokenizer is not None and text:
+        rows = quantize_report(model, tokenizer, methods, text)
+    else:
+        rows = [dict(method=m, bits_per_byte=None, delta_vs_fp32=None) for m in methods]
+    variants = [quantized_variant(model, row["method"]) for row in rows]
+    for row, variant in zip(rows, variants):
+        row["linear_bytes"] = linear_weight_bytes(variant)
+        row.setdefault("file_bytes", None if row["method"].startswith("torchao-") else state_bytes(variant))
+    block, vocab = model.config.block_size, model.config.vocab_size
+    generator = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, vocab, (1, 8), generator=generator)
+    new_tokens = min(new_tokens, block - prompt.shape[1])  # learned positions end at block_size
+    batch = torch.randint(0, vocab, (batch_size, block), generator=generator)
+    generating, forwards = quantize_timers(variants, prompt, new_tokens, batch)
+    for row, g, f in zip(rows, time_interleaved(generating, repeats), time_interleaved(forwards, repeats)):
+        row["generate_tokens_per_s"], row["forward_tokens_per_s"] = new_tokens / min(g), batch.numel() / min(f)
+    return rows
+
+# %% ../nbs/96_benchmarks.ipynb #a4d7e0f3
+def _vs(value, base) -> str:
+    return "-" if value is None or not base else f"{value / base:.2f}x"
+
+
+def quantize_targets(rows: Sequence[dict]) -> str:
+    "Whether the rows meet the chapter's goals, one clause each; a goal the rows cannot judge is left out."
+    by = {row["method"]: row for row in rows}
+    fp32, said = by.get("fp32"), []
+    if fp32 and fp32["bits_per_byte"] is not None:
+        for method, target in (("int8", QUANT_INT8_DELTA_TARGET), ("int4-g64", QUANT_INT4_DELTA_TARGET)):
+            if method in by:
+                change = by[method]["delta_vs_fp32"] / fp32["bits_per_byte"]
+                said.append(f"{method} bits/byte +{change:.2%} (goal <= {target:.0%}): "
+                            f"{'met' if change <= target else 'not met'}")
+    if fp32 and "int8" in by:
+        share = by["int8"]["linear_bytes"] / fp32["linear_bytes"]
+        said.append(f"int8 linear bytes {share:.1%} of fp32 (goal <= {QUANT_INT8_BYTES_TARGET:.0%}): "
+                    f"{'met' if share <= QUANT_INT8_BYTES_TARGET else 'not met'}")
+    int8s = [row for row in rows if "int8" in row["method"]]
+    if fp32 and int8s:
+        best = max(int8s, key=lambda row: row["generate_tokens_per_s"])
+        speedup = best["generate_tokens_per_s"] / fp32["generate_tokens_per_s"]
+        said.append(f"best int8 generation ({best['method']}) {speedup:.2f}x fp32 "
+                    f"(goal >= {QUANT_GENERATE_TARGET}x): {'met' if speedup >= QUANT_GENERATE_TARGET else 'not met'}")
+    return "; ".join(said)
+
+
+def format_quantize_bench(rows: Sequence[dict]) -> str:
+    "The rows of `bench_quantize` as a table against fp32, then the goals."
+    fp32, mb = next((row for row in rows if row["method"] == "fp32"), {}), 2 ** 20
+    lines = [f"{'method':22} {'bits/byte':>9} {'change':>8} {'linear MB':>9} {'vs fp32':>7} {'file MB':>8} "
+             f"{'generate tok/s':>14} {'vs fp32':>7} {'forward tok/s':>13} {'vs fp32':>7}"]
+    for row in rows:
+        bpb, change, file_bytes = row["bits_per_byte"], row["delta_vs_fp32"], row["file_bytes"]
+        cells = [f"{row['method']:22}", f"{bpb:9.4f} {change:+8.4f}" if bpb is not None else f"{'-':>9} {'-':>8}",
+                 f"{row['linear_bytes'] / mb:9.2f} {_vs(row['linear_bytes'], fp32.get('linear_bytes')):>7}",
+                 f"{file_bytes / mb:8.2f}" if file_bytes else f"{'-':>8}"]
+        for key, width, digits in (("generate_tokens_per_s", 14, 1), ("forward_tokens_per_s", 13, 0)):
+            cells.append(f"{row[key]:{width}.{digits}f} {_vs(row[key], fp32.get(key)):>7}")
+        lines.append(" ".join(cells))
+    return "\n".join(lines + [quantize_targets(rows)])

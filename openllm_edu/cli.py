@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
+import shutil
 import sys
 import time
 import warnings
@@ -15,11 +17,12 @@ from .core import CourseError, environment_report, get_profile, load_settings
 from .train_commands import add_train_commands, cmd_run, cmd_train, launch_failure
 
 # %% auto #0
-__all__ = ['EVAL_REPORT_KEYS', 'FULL_FINETUNE_LR', 'LORA_LR', 'CLI_WORKER', 'HANDLERS', 'build_parser', 'cmd_doctor',
-           'cmd_tokenizer_train', 'cmd_data_prepare', 'cmd_bench_tokenizer', 'cmd_bench_model', 'cmd_bench_train',
-           'cmd_bench_distributed', 'cmd_bench_eval', 'cmd_bench_finetune', 'saved_model_folder', 'load_saved_model',
-           'cmd_generate', 'cmd_compare', 'cmd_instructor_release', 'cmd_grade', 'task_entry', 'eval_report',
-           'format_eval_report', 'cmd_eval', 'lora_parts', 'cmd_finetune', 'load_chat_checkpoint', 'cmd_chat',
+__all__ = ['EVAL_REPORT_KEYS', 'FULL_FINETUNE_LR', 'LORA_LR', 'QUANTIZE_METHODS', 'CLI_WORKER', 'HANDLERS', 'build_parser',
+           'cmd_doctor', 'cmd_tokenizer_train', 'cmd_data_prepare', 'cmd_bench_tokenizer', 'cmd_bench_model',
+           'cmd_bench_train', 'cmd_bench_distributed', 'cmd_bench_eval', 'cmd_bench_finetune', 'saved_model_folder',
+           'load_saved_model', 'cmd_generate', 'cmd_compare', 'cmd_instructor_release', 'cmd_grade', 'task_entry',
+           'eval_report', 'format_eval_report', 'cmd_eval', 'lora_parts', 'cmd_finetune', 'load_chat_checkpoint',
+           'cmd_chat', 'check_quantize_out', 'save_quantized_folder', 'cmd_quantize', 'cmd_bench_quantize',
            'cli_program', 'cmd_launch', 'main']
 
 # %% ../nbs/98_cli.ipynb #2a6ba9f3
@@ -68,7 +71,7 @@ def _add_data_commands(commands) -> None:
 
 # %% ../nbs/98_cli.ipynb #09088057
 def _add_bench_commands(commands) -> None:
-    "`bench tokenizer|model|train|distributed|eval|finetune`."
+    "`bench tokenizer|model|train|distributed|eval|finetune|quantize`."
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
     bench_tok = bench.add_parser("tokenizer", help="BPE training: incremental vs the naive reference")
     bench_tok.add_argument("--text-bytes", type=int, default=100_000)
@@ -111,6 +114,15 @@ def _add_bench_commands(commands) -> None:
     bench_ft.add_argument("--targets", default="attention", help="LoRA targets: attention or all (default: attention)")
     bench_ft.add_argument("--steps", type=int, default=3, help="timed steps of each variant (default: 3)")
 
+    bench_q = bench.add_parser("quantize", help="quality, size and speed of quantised models against fp32 (chapter 13)")
+    bench_q.add_argument("--checkpoint", default=None,
+                         help="a saved model or run folder (default: --preset with random weights, no quality column)")
+    bench_q.add_argument("--preset", default="small", help="GPTConfig preset without --checkpoint (default: small)")
+    bench_q.add_argument("--block", type=int, default=256, help="the preset's context, at least (default: 256)")
+    bench_q.add_argument("--methods", nargs="+", default=None, help="default: fp32 bf16 and every method this torch runs")
+    bench_q.add_argument("--new-tokens", type=int, default=64, help="generated tokens, batch 1 (default: 64)")
+    bench_q.add_argument("--batch", type=int, default=8, help="rows of the timed forward pass (default: 8)")
+    bench_q.add_argument("--repeats", type=int, default=3, help="timed calls of each, in turns (default: 3)")
 
 
 # %% ../nbs/98_cli.ipynb #d8d72817
@@ -204,9 +216,20 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("doctor", help="check Python, packages, device and memory")
     add_train_commands(commands)  # train and run (97)
     for add in (_add_launch, _add_data_commands, _add_bench_commands, _add_generate, _add_eval,
-                _add_compare, _add_chat_commands, _add_instructor_commands):
+                _add_compare, _add_chat_commands, _add_quantize, _add_instructor_commands):
         add(commands)
     return parser
+
+
+def _add_quantize(commands) -> None:
+    "`quantize`: a saved model with int8 or int4 linear layers."
+    quantize = commands.add_parser("quantize", help="quantise a saved model's linear layers (chapter 13)")
+    quantize.add_argument("--checkpoint", required=True,
+                          help="folder written by save_pretrained, or a run folder (uses its model/)")
+    quantize.add_argument("--method", default="int8",
+                          help="int8, int4-g32, int4-g64, int4-g128, int8-dynamic, torchao-int8 or torchao-int8-dynamic")
+    quantize.add_argument("--out", required=True, help="new or empty folder (an earlier quantize output is replaced)")
+
 
 # %% ../nbs/98_cli.ipynb #4b5f58ea
 def _corpus_spec(values: list[str]) -> str | list[str]:
@@ -337,11 +360,16 @@ def saved_model_folder(checkpoint: str | Path) -> Path:
 
 
 def load_saved_model(checkpoint: str | Path, device: str = "cpu"):
-    "(model, tokenizer, folder) of a saved model or a run folder; a CourseError if no tokenizer was saved with it."
+    """(model, tokenizer, folder) of a saved model, a run folder or a quantised model (chapter 13, on the CPU);
+    a CourseError if no tokenizer was saved with it."""
     from openllm_edu.model import TOKENIZER_DIR, load_pretrained
+    from openllm_edu.quantize import QUANTIZATION_FILE, load_quantized
 
     folder = saved_model_folder(checkpoint)
-    model, tokenizer = load_pretrained(folder, device)
+    if (folder / QUANTIZATION_FILE).is_file():
+        model, tokenizer = load_quantized(folder)
+    else:
+        model, tokenizer = load_pretrained(folder, device)
     if tokenizer is None:
         raise CourseError(f"{folder} has no {TOKENIZER_DIR}/ folder; save the model with its tokenizer: "
                           "save_pretrained(model, folder, tokenizer).")
@@ -570,6 +598,78 @@ def cmd_chat(args) -> int:
     return 0
 
 
+# %% ../nbs/98_cli.ipynb #d7a0b3c6
+QUANTIZE_METHODS = ("int8", "int4-g32", "int4-g64", "int4-g128", "int8-dynamic", "torchao-int8", "torchao-int8-dynamic")
+
+
+def check_quantize_out(out: str | Path) -> Path:
+    "`out` if it is new, empty or an earlier quantize output (replaced); else a CourseError."
+    from openllm_edu.quantize import QUANTIZATION_FILE
+
+    out = Path(out)
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / QUANTIZATION_FILE).is_file())):
+        raise CourseError(f"{out} holds other files; give --out a new or empty folder (an earlier quantize output, "
+                          f"with {QUANTIZATION_FILE}, is replaced).")
+    return out
+
+
+def save_quantized_folder(model, tokenizer, method: str, out: Path) -> None:
+    "Save into a hidden folder beside `out`, then rename it into place: a crash leaves the old `out` or none."
+    from openllm_edu.quantize import save_quantized, save_torchao
+
+    staging, old = (out.parent / f".{out.name}.{os.getpid()}.{end}" for end in ("tmp", "old"))
+    shutil.rmtree(staging, ignore_errors=True)
+    if method.startswith("torchao-"):
+        save_torchao(model, staging, method.removeprefix("torchao-"), tokenizer)
+    else:
+        save_quantized(model, staging, tokenizer)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(staging, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def cmd_quantize(args) -> int:
+    from openllm_edu.model import as_profile
+    from openllm_edu.quantize import held_out_text, quantize_report, quantized_variant
+
+    if args.method not in QUANTIZE_METHODS:
+        raise CourseError(f"unknown --method {args.method!r}; use one of {', '.join(QUANTIZE_METHODS)}.")
+    out = check_quantize_out(args.out)
+    model, tokenizer, folder = load_saved_model(args.checkpoint)
+    save_quantized_folder(quantized_variant(model, args.method), tokenizer, args.method, out)
+    fp32, quantized = quantize_report(model, tokenizer, ["fp32", args.method], held_out_text(as_profile(args.profile)))
+    print(f"{args.method}: held-out plays {fp32['bits_per_byte']:.4f} -> {quantized['bits_per_byte']:.4f} bits per "
+          f"byte ({quantized['delta_vs_fp32'] / fp32['bits_per_byte']:+.2%}); linear weights "
+          f"{quantized['linear_bytes'] / fp32['linear_bytes']:.1%} of fp32's bytes (embedding kept in float32)")
+    print(f"quantised model: {out}; try it: openllm-edu generate --checkpoint {out} --prompt TEXT")
+    return 0
+
+
+def cmd_bench_quantize(args) -> int:
+    import torch
+
+    from openllm_edu.bench import bench_config, bench_gpt, bench_quantize, format_quantize_bench
+    from openllm_edu.model import as_profile
+    from openllm_edu.quantize import held_out_text
+
+    for flag, value in (("--new-tokens", args.new_tokens), ("--batch", args.batch), ("--repeats", args.repeats),
+                        ("--block", args.block)):
+        if value < 1:
+            raise CourseError(f"{flag} {value}: give a whole number of at least 1.")
+    if args.checkpoint:
+        model, tokenizer, folder = load_saved_model(args.checkpoint)
+        text, what = held_out_text(as_profile(args.profile)), f"{folder} (bits per byte on the held-out plays)"
+    else:
+        bench_config(args.preset, args.block)  # an unknown preset stops here, in one line
+        model, tokenizer, text = bench_gpt(args.preset, args.block).eval(), None, ""
+        what = f"preset {args.preset} with random weights (no quality column)"
+    rows = bench_quantize(model, tokenizer, text, args.methods, args.new_tokens, args.batch, args.repeats)
+    print(f"{what}; generation batch 1 with the KV cache, forward batch {args.batch} x {model.config.block_size}; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(format_quantize_bench(rows))
+    return 0
+
 # %% ../nbs/98_cli.ipynb #e8671841
 CLI_WORKER = "import sys; from openllm_edu.cli import main; sys.exit(main(sys.argv[1:]))"
 
@@ -610,9 +710,10 @@ HANDLERS = {
     ("tokenizer", "train"): cmd_tokenizer_train, ("bench", "tokenizer"): cmd_bench_tokenizer,
     ("bench", "model"): cmd_bench_model, ("bench", "train"): cmd_bench_train,
     ("bench", "distributed"): cmd_bench_distributed, ("bench", "eval"): cmd_bench_eval,
-    ("bench", "finetune"): cmd_bench_finetune,
+    ("bench", "finetune"): cmd_bench_finetune, ("bench", "quantize"): cmd_bench_quantize,
     ("generate", None): cmd_generate, ("eval", None): cmd_eval,
     ("compare", None): cmd_compare, ("finetune", None): cmd_finetune, ("chat", None): cmd_chat,
+    ("quantize", None): cmd_quantize,
     ("instructor", "release"): cmd_instructor_release, ("grade", None): cmd_grade,
 }
 
