@@ -696,6 +696,16 @@ def low_rank_fit(delta, ranks):
     sigma = torch.linalg.svdvals(delta)
     return [(r * sum(delta.shape), (sigma[r:].sum() / sigma.sum()).item()) for r in ranks]  # the norm squares them
 """),
+    "13_quantize": ("int4_group_errors", """
+def int4_group_errors(w, group_sizes):
+    errors = []
+    for g in group_sizes:
+        groups = w.reshape(w.shape[0], -1, g)
+        scale = (groups.abs().amax(dim=-1, keepdim=True) / 8).clamp(min=torch.finfo(torch.float32).tiny)
+        back = (torch.round(groups / scale).clamp(-8, 7) * scale).reshape(w.shape)  # 16 levels, -max not exact
+        errors.append(((w - back).norm() / w.norm()).item())
+    return errors
+"""),
 }
 
 
