@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -19,9 +20,10 @@ from .core import CourseError, atomic_write_bytes, atomic_write_text, is_whole_n
 
 # %% auto #0
 __all__ = ['LORA_TARGETS', 'ADAPTER_WEIGHTS', 'ADAPTER_CONFIG', 'ADAPTER_FORMAT', 'RUNTIME_FIELDS', 'adapter_dtype', 'LoRALinear',
-           'matches_target', 'linear_names', 'tied_linear_names', 'lora_target_names', 'apply_lora', 'lora_layers',
-           'lora_parameters', 'count_trainable', 'merge_lora', 'base_config', 'config_fingerprint', 'adapter_settings',
-           'save_adapter', 'read_adapter_config', 'check_adapter_fits', 'load_adapter']
+           'matches_target', 'linear_names', 'tied_linear_names', 'pick_linear_names', 'lora_target_names',
+           'apply_lora', 'lora_layers', 'lora_parameters', 'count_trainable', 'merge_lora', 'base_config',
+           'config_fingerprint', 'adapter_settings', 'save_adapter', 'read_adapter_config', 'check_adapter_fits',
+           'load_adapter']
 
 # %% ../nbs/12_lora.ipynb #bdc5ca2f
 def adapter_dtype(base: nn.Linear) -> torch.dtype:
@@ -123,13 +125,18 @@ def _target_patterns(targets) -> tuple[str, ...]:
     return tuple(targets)
 
 
-def lora_target_names(model: nn.Module, targets) -> list[str]:
-    "The nn.Linear names that `targets` (a LORA_TARGETS preset or patterns) pick; every pattern must pick one."
-    names, patterns = linear_names(model), _target_patterns(targets)
+def pick_linear_names(model: nn.Module, patterns: Sequence[str], what: str = "LoRA") -> list[str]:
+    "The nn.Linear names any of `patterns` matches, in model order; a CourseError names a pattern that matches none."
+    names = linear_names(model)
     for pattern in patterns:
         if not any(matches_target(name, pattern) for name in names):
-            raise CourseError(f"LoRA target {pattern!r} matches no nn.Linear; the model has {_name_shapes(names)}.")
-    picked = [name for name in names if any(matches_target(name, p) for p in patterns)]
+            raise CourseError(f"{what} target {pattern!r} matches no nn.Linear; the model has {_name_shapes(names)}.")
+    return [name for name in names if any(matches_target(name, p) for p in patterns)]
+
+
+def lora_target_names(model: nn.Module, targets) -> list[str]:
+    "The nn.Linear names that `targets` (a LORA_TARGETS preset or patterns) pick; every pattern must pick one."
+    picked = pick_linear_names(model, _target_patterns(targets))
     tied = tied_linear_names(model).intersection(picked)
     if tied:
         raise CourseError(f"{', '.join(sorted(tied))} shares its weight with the token embedding (tied); an adapter "

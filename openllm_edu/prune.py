@@ -11,7 +11,7 @@ from torch.nn.utils import prune
 
 from .core import CourseError
 from .finetune import held_out_bits_per_byte
-from .lora import LORA_TARGETS, _name_shapes, linear_names, matches_target
+from .lora import LORA_TARGETS, linear_names, pick_linear_names
 
 # %% auto #0
 __all__ = ['PRUNE_SCOPES', 'check_amount', 'weight_parameter', 'tied_names', 'prune_target_names', 'pruned_layers',
@@ -47,11 +47,7 @@ def prune_target_names(model: nn.Module, targets="all") -> list[str]:
     if patterns is None:
         raise CourseError(f"unknown target preset {targets!r}; use one of {', '.join(LORA_TARGETS)} "
                           f"or a list of module-name patterns.")
-    names = linear_names(model)
-    for pattern in patterns:
-        if not any(matches_target(name, pattern) for name in names):
-            raise CourseError(f"pattern {pattern!r} matches no nn.Linear; the model has {_name_shapes(names)}.")
-    picked = [name for name in names if any(matches_target(name, p) for p in patterns)]
+    picked = pick_linear_names(model, patterns, "pruning")
     tied = tied_names(model).intersection(picked)
     if tied:
         raise CourseError(f"{', '.join(sorted(tied))} shares its weight with the token embedding (tied); pruning it "

@@ -21,7 +21,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from .core import CourseError, atomic_write_bytes, atomic_write_text, is_whole_number
-from .lora import linear_names, matches_target, tied_linear_names
+from .lora import pick_linear_names, tied_linear_names
 from .metrics import count_utf8_bytes, evaluate_lm
 from .model import CONFIG_FILE, MODEL_TYPE, TOKENIZER_DIR, GPT, GPTConfig, course_documents
 from .tokenizer import load_tokenizer
@@ -227,11 +227,7 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantizedLinear]:
 
 def quantize_target_names(model: nn.Module, method: str, targets=QUANTIZE_TARGETS, untie_head: bool = False) -> list[str]:
     "The nn.Linear names `targets` (patterns) pick; every pattern must pick one, and the layers must fit the method."
-    names, patterns = linear_names(model), (targets,) if isinstance(targets, str) else tuple(targets)
-    for pattern in patterns:
-        if not any(matches_target(name, pattern) for name in names):
-            raise CourseError(f"quantisation target {pattern!r} matches no nn.Linear; the model has {', '.join(names)}.")
-    picked = [name for name in names if any(matches_target(name, p) for p in patterns)]
+    picked = pick_linear_names(model, (targets,) if isinstance(targets, str) else tuple(targets), "quantisation")
     tied = sorted(tied_linear_names(model).intersection(picked))
     if tied and not untie_head:
         raise CourseError(f"{', '.join(tied)} shares its weight with the token embedding (tied); leave it out of the "
