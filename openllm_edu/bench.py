@@ -31,7 +31,8 @@ __all__ = ['DTYPES', 'COMPILED', 'BENCH_VARIANTS', 'TRAINER_OVERHEAD_TARGET', 'S
            'build_eval_pair', 'bench_eval', 'scoring_ratio', 'format_eval_bench', 'bench_data_parallel',
            'format_data_parallel_bench', 'finetune_model', 'grad_bytes', 'state_bytes', 'count_step_bytes',
            'FinetuneRow', 'finetune_step', 'check_finetune_settings', 'bench_finetune', 'finetune_ratios',
-           'format_finetune_bench', 'quantize_timers', 'bench_quantize', 'quantize_targets', 'format_quantize_bench']
+           'format_finetune_bench', 'quantize_timers', 'torchao_methods', 'bench_quantize', 'quantize_targets',
+           'format_quantize_bench']
 
 # %% ../nbs/96_benchmarks.ipynb #0f62f793
 def _check_repeats(repeats: int, warmup: int) -> None:
@@ -726,13 +727,23 @@ def quantize_timers(variants: Sequence[torch.nn.Module], prompt: torch.Tensor, n
     return [generating(v) for v in variants], [forward(v) for v in variants]
 
 # %% ../nbs/96_benchmarks.ipynb #f3c6d9e2
+def torchao_methods() -> list[str]:
+    "torchao's int8 methods when torchao is installed (the optional `quantize` extra), else none."
+    from openllm_edu.quantize import TORCHAO_CONFIGS, import_torchao
+    try:
+        import_torchao()
+    except CourseError:
+        return []
+    return [f"torchao-{method}" for method in TORCHAO_CONFIGS]
+
+
 def bench_quantize(model: torch.nn.Module, tokenizer=None, text: str = "", methods: Sequence[str] | None = None,
                    new_tokens: int = 64, batch_size: int = 8, repeats: int = 3, seed: int = 0) -> list[dict]:
     """Each method's row: bits per byte on `text` and its change from fp32 (None without a tokenizer and text),
     linear-weight and file bytes, generation tokens/s (KV cache, batch 1) and forward tokens/s at batch_size."""
     from openllm_edu.quantize import (linear_weight_bytes, quantize_report, quantized_variant, report_methods,
                                       state_bytes)
-    methods = list(report_methods() if methods is None else methods)
+    methods = list(report_methods()) + torchao_methods() if methods is None else list(methods)
     if tokenizer is not None and text:
         rows = quantize_report(model, tokenizer, methods, text)
     else:
@@ -764,7 +775,7 @@ def quantize_targets(rows: Sequence[dict]) -> str:
         for method, target in (("int8", QUANT_INT8_DELTA_TARGET), ("int4-g64", QUANT_INT4_DELTA_TARGET)):
             if method in by:
                 change = by[method]["delta_vs_fp32"] / fp32["bits_per_byte"]
-                said.append(f"{method} bits/byte +{change:.2%} (goal <= {target:.0%}): "
+                said.append(f"{method} bits/byte {change:+.2%} (goal <= +{target:.0%}): "
                             f"{'met' if change <= target else 'not met'}")
     if fp32 and "int8" in by:
         share = by["int8"]["linear_bytes"] / fp32["linear_bytes"]

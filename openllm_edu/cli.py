@@ -119,7 +119,7 @@ def _add_bench_commands(commands) -> None:
                          help="a saved model or run folder (default: --preset with random weights, no quality column)")
     bench_q.add_argument("--preset", default="small", help="GPTConfig preset without --checkpoint (default: small)")
     bench_q.add_argument("--block", type=int, default=256, help="the preset's context, at least (default: 256)")
-    bench_q.add_argument("--methods", nargs="+", default=None, help="default: fp32 bf16 and every method this torch runs")
+    bench_q.add_argument("--methods", nargs="+", default=None, help="default: fp32, bf16, every method this torch runs and torchao's")
     bench_q.add_argument("--new-tokens", type=int, default=64, help="generated tokens, batch 1 (default: 64)")
     bench_q.add_argument("--batch", type=int, default=8, help="rows of the timed forward pass (default: 8)")
     bench_q.add_argument("--repeats", type=int, default=3, help="timed calls of each, in turns (default: 3)")
