@@ -33,13 +33,13 @@ from .trainer import TrainData, Trainer
 
 # %% auto #0
 __all__ = ['FAMILIES', 'UNANSWERABLE', 'FINETUNE_REPORT', 'CHAT_TEMPLATE_FILE', 'SQUAD_DATA', 'HELD_OUT', 'speech_text',
-           'speaker_questions', 'next_line_questions', 'count_questions', 'play_questions', 'conversation',
-           'family_items', 'check_families', 'instruction_data', 'line_hashes', 'passage_lines', 'write_conversations',
-           'read_conversations', 'alpaca_to_messages', 'squad_conversation', 'squad_instruction_data',
-           'conversation_examples', 'fits_block', 'ConversationSampler', 'sft_trainer', 'greedy_reply', 'exact_match',
-           'best_constant', 'replay_examples', 'split_conversations', 'finetune_conversations',
-           'held_out_bits_per_byte', 'check_finetune_out', 'save_finetuned', 'finetune_checkpoint',
-           'format_finetune_report', 'fit_history', 'stream_reply']
+           'speaker_questions', 'next_line_questions', 'count_questions', 'play_questions', 'reply_questions',
+           'conversation', 'family_items', 'check_families', 'instruction_data', 'line_hashes', 'passage_lines',
+           'write_conversations', 'read_conversations', 'alpaca_to_messages', 'squad_conversation',
+           'squad_instruction_data', 'conversation_examples', 'fits_block', 'ConversationSampler', 'sft_trainer',
+           'greedy_reply', 'exact_match', 'best_constant', 'replay_examples', 'split_conversations',
+           'finetune_conversations', 'held_out_bits_per_byte', 'check_finetune_out', 'save_finetuned',
+           'finetune_checkpoint', 'format_finetune_report', 'fit_history', 'stream_reply']
 
 # %% ../nbs/11_sft.ipynb #4c40e44c
 def speech_text(scene: Scene, speech) -> str:
@@ -73,8 +73,26 @@ def play_questions(scene: Scene, fresh: Callable[[str], bool], lines: int = 2) -
             if all(map(fresh, scene.lines[i:i + lines]))]
 
 
+def reply_questions(scene: Scene, fresh: Callable[[str], bool], lines: int = 2) -> list[tuple[str, str]]:
+    """Three speeches in a row, of at most lines + 3 spoken lines; the question names a speaker who speaks once in
+    them (the first or the second speech, alternately), the answer is who speaks next: reading, not remembering."""
+    questions = []
+    for run in zip(scene.speeches, scene.speeches[1:], scene.speeches[2:]):
+        spoken = [line for speech in run for line in scene.lines[speech.start:speech.end]]
+        in_a_row = all(b.start == a.end + 2 for a, b in zip(run, run[1:]))
+        if not in_a_row or len(spoken) > lines + 3 or not all(map(fresh, spoken)):
+            continue
+        names = [speech.speaker for speech in run]
+        once = [i for i in (0, 1) if names.count(names[i]) == 1]
+        if once:
+            i = once[run[0].start % len(once)]
+            passage = "\n".join(speech_text(scene, speech) for speech in run)
+            questions.append((f"Who speaks after {names[i]} in this passage?\n{passage}", names[i + 1]))
+    return questions
+
+
 FAMILIES = {"speaker": speaker_questions, "next_line": next_line_questions, "count": count_questions,
-            "play": play_questions}
+            "play": play_questions, "reply": reply_questions}
 
 # %% ../nbs/11_sft.ipynb #4ead2c81
 def conversation(question: str, answer: str) -> list[dict]:
@@ -105,13 +123,17 @@ def instruction_data(profile=None, families: Sequence[str] = tuple(FAMILIES), n_
         raise CourseError(f"n_per_family={n_per_family!r} and lines={lines!r} must be positive whole numbers, e.g. 200 and 2.")
     train_docs, held_docs = course_documents(as_profile(profile))
     check_disjoint(train_docs, held_docs)
-    training, rng = TrainingText(train_docs), random.Random(seed)
+    training = TrainingText(train_docs)
     train_scenes, held_scenes = read_scenes(train_docs), read_scenes(held_docs)
+
+    def draw(family: str, split: str) -> random.Random:  # one generator per family: adding one changes no other
+        return random.Random(f"{seed}:{family}:{split}")
+
     train = [item for family in families
-             for item in family_items(train_scenes, family, lambda line: True, n_per_family, rng, lines)]
-    rng.shuffle(train)
-    held_out = {family: family_items(held_scenes, family, lambda line: line not in training, n_per_family, rng, lines)
-                for family in families}
+             for item in family_items(train_scenes, family, lambda line: True, n_per_family, draw(family, "train"), lines)]
+    random.Random(seed).shuffle(train)
+    held_out = {family: family_items(held_scenes, family, lambda line: line not in training, n_per_family,
+                                     draw(family, "held_out"), lines) for family in families}
     return dict(train=train, held_out=held_out)
 
 # %% ../nbs/11_sft.ipynb #d4242b1b
