@@ -19,8 +19,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 _SKIP_DIRECTIVE = re.compile(r"^\s*#\|\s*(eval:\s*false|notest)\s*$", re.MULTILINE)
-# Chapter 14 checks its export against transformers 5, which needs Python 3.11 (the `export` extra says so).
-_NEEDS_PY311 = ("14_export.ipynb",)
+# Chapter 14 checks its exports against transformers 5, ONNX Runtime and gguf: the `export` extra, which needs
+# Python 3.11.
+_NEEDS_PY311 = ("14_export.ipynb", "14b_onnx.ipynb", "14c_gguf.ipynb")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -29,7 +30,7 @@ def pytest_collection_modifyitems(config, items):
         if cell is None:  # not a notebook cell
             continue
         if sys.version_info < (3, 11) and item.path.name in _NEEDS_PY311:
-            item.add_marker(pytest.mark.skip(reason="transformers 5 (the export extra) needs Python 3.11"))
+            item.add_marker(pytest.mark.skip(reason="the export extra (transformers 5, onnxruntime, gguf) needs Python 3.11"))
         if _SKIP_DIRECTIVE.search(cell.source):
             item.options["skip"] = True
         if cell.execution_count is None and cell.get("outputs"):
