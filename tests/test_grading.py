@@ -706,6 +706,14 @@ def int4_group_errors(w, group_sizes):
         errors.append(((w - back).norm() / w.norm()).item())
     return errors
 """),
+    "14_export": ("tanh_gelu_error", """
+def tanh_gelu_error(model, idx):
+    exact, tanh = copy.deepcopy(model).float(), copy.deepcopy(model).float()  # float32, as the export is usually run
+    for block in tanh.blocks:
+        block.mlp.gelu = torch.nn.GELU(approximate="tanh")
+    with torch.no_grad():
+        return (tanh(idx)[0] - exact(idx)[0]).abs().max().item()
+"""),
 }
 
 
