@@ -18,7 +18,7 @@ from torch import nn
 from .core import CourseError
 from .generate import model_device
 from .model import CONFIG_FILE, GPT, MODEL_TYPE, TOKENIZER_DIR, GPTConfig, load_pretrained, unwrap_model
-from .tokenizer import Tokenizer, load_tokenizer
+from .tokenizer import Tokenizer
 
 # %% auto #0
 __all__ = ['EXAMPLE_BATCH', 'EXAMPLE_TOKENS', 'EXAMPLE_PAST', 'SINGLE_FILE_BYTES', 'MODEL_FILE', 'CACHE_MODEL_FILE', 'LogitsOnly',
