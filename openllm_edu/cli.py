@@ -684,10 +684,11 @@ def cmd_bench_export(args) -> int:
     import torch
 
     from openllm_edu.bench import bench_export, format_export_bench
-    from openllm_edu.model import course_model
+    from openllm_edu.model import course_model, load_pretrained
 
-    if args.checkpoint:
-        model, _, folder = load_saved_model(args.checkpoint)
+    if args.checkpoint:  # no tokenizer needed: the prompts are random ids
+        folder = saved_model_folder(args.checkpoint)
+        model, _ = load_pretrained(folder)
     else:
         (model, _), folder = course_model(args.profile), f"the {args.profile or 'active'} profile's course model"
     rows = bench_export(model, args.new_tokens, args.batch, args.tokens, args.repeats)
