@@ -21,18 +21,19 @@ from .core import PRECISIONS, CourseError, check_precision
 # %% auto #0
 __all__ = ['DTYPES', 'COMPILED', 'BENCH_VARIANTS', 'TRAINER_OVERHEAD_TARGET', 'SCORING_TARGET', 'FINETUNE_TARGETS',
            'LORA_TRAIN_BYTES_TARGET', 'LORA_PEAK_TARGET', 'QUANT_INT8_DELTA_TARGET', 'QUANT_INT4_DELTA_TARGET',
-           'QUANT_INT8_BYTES_TARGET', 'QUANT_GENERATE_TARGET', 'time_calls', 'time_interleaved', 'Timing',
-           'matmul_flops', 'time_matmul', 'measure_matmul_peak', 'model_flops_utilization', 'reuse_freed_memory',
-           'variant_settings', 'bench_variants', 'precision_dtype_name', 'precision_dtype', 'bench_config', 'bench_gpt',
-           'make_train_step', 'build_bare_step', 'time_training_steps', 'step_timing', 'bench_train_step',
-           'bench_generation', 'fastest_matmuls', 'use_peaks', 'bench_model', 'kv_cache_speedup', 'timing_table',
-           'format_model_bench', 'synthetic_train_data', 'trainer_precision', 'build_trainer_step',
-           'bench_trainer_step', 'bench_train', 'trainer_overhead', 'format_train_bench', 'scoring_rows',
-           'build_eval_pair', 'bench_eval', 'scoring_ratio', 'format_eval_bench', 'bench_data_parallel',
-           'format_data_parallel_bench', 'finetune_model', 'grad_bytes', 'state_bytes', 'count_step_bytes',
-           'FinetuneRow', 'finetune_step', 'check_finetune_settings', 'bench_finetune', 'finetune_ratios',
-           'format_finetune_bench', 'quantize_timers', 'torchao_methods', 'bench_quantize', 'quantize_targets',
-           'format_quantize_bench']
+           'QUANT_INT8_BYTES_TARGET', 'QUANT_GENERATE_TARGET', 'EXPORT_GENERATE_TARGET', 'time_calls',
+           'time_interleaved', 'Timing', 'matmul_flops', 'time_matmul', 'measure_matmul_peak',
+           'model_flops_utilization', 'reuse_freed_memory', 'variant_settings', 'bench_variants',
+           'precision_dtype_name', 'precision_dtype', 'bench_config', 'bench_gpt', 'make_train_step', 'build_bare_step',
+           'time_training_steps', 'step_timing', 'bench_train_step', 'bench_generation', 'fastest_matmuls', 'use_peaks',
+           'bench_model', 'kv_cache_speedup', 'timing_table', 'format_model_bench', 'synthetic_train_data',
+           'trainer_precision', 'build_trainer_step', 'bench_trainer_step', 'bench_train', 'trainer_overhead',
+           'format_train_bench', 'scoring_rows', 'build_eval_pair', 'bench_eval', 'scoring_ratio', 'format_eval_bench',
+           'bench_data_parallel', 'format_data_parallel_bench', 'finetune_model', 'grad_bytes', 'state_bytes',
+           'count_step_bytes', 'FinetuneRow', 'finetune_step', 'check_finetune_settings', 'bench_finetune',
+           'finetune_ratios', 'format_finetune_bench', 'quantize_timers', 'torchao_methods', 'bench_quantize',
+           'quantize_targets', 'format_quantize_bench', 'export_timers', 'bench_export', 'export_ratios',
+           'format_export_bench']
 
 # %% ../nbs/96_benchmarks.ipynb #0f62f793
 def _check_repeats(repeats: int, warmup: int) -> None:
@@ -804,3 +805,80 @@ def format_quantize_bench(rows: Sequence[dict]) -> str:
             cells.append(f"{row[key]:{width}.{digits}f} {_vs(row[key], fp32.get(key)):>7}")
         lines.append(" ".join(cells))
     return "\n".join(lines + [quantize_targets(rows)])
+
+# %% ../nbs/96_benchmarks.ipynb #55cc3e90
+EXPORT_GENERATE_TARGET = 1.0  # our KV-cache generate's tokens/s over transformers' generate, same weights, batch 1
+
+
+def export_timers(model: torch.nn.Module, folder: Path, prompt: torch.Tensor, new_tokens: int,
+                  batch: torch.Tensor) -> tuple[list[Callable], list[Callable]]:
+    """(generate, forward) callables: ours, transformers' and ONNX Runtime's generation of `new_tokens` greedy
+    tokens after `prompt`; PyTorch eager's and ONNX Runtime's forward of `batch`. Exports into `folder`."""
+    from transformers import AutoModelForCausalLM
+
+    from openllm_edu.export import export_hf
+    from openllm_edu.generate import GenerationConfig, generate
+    from openllm_edu.onnx_export import CACHE_MODEL_FILE, export_onnx, onnx_generate, onnx_logits, onnx_session
+    hf = AutoModelForCausalLM.from_pretrained(export_hf(model, folder / "hf")).eval()
+    onnx_folder = export_onnx(model, folder / "onnx")
+    cache_session, logits_session = onnx_session(onnx_folder, CACHE_MODEL_FILE), onnx_session(onnx_folder)
+    greedy = GenerationConfig(max_new_tokens=new_tokens, temperature=0.0, stop_at_eos=False)
+
+    def hf_generate():
+        with torch.no_grad():
+            hf.generate(prompt, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
+    def eager_forward():
+        with torch.no_grad():
+            model(batch)
+
+    generating = [lambda: generate(model, prompt, greedy), hf_generate,
+                  lambda: onnx_generate(onnx_folder, prompt, new_tokens, session=cache_session)]
+    return generating, [eager_forward, lambda: onnx_logits(logits_session, batch)]
+
+# %% ../nbs/96_benchmarks.ipynb #0a6aa32e
+def bench_export(model: torch.nn.Module, new_tokens: int = 64, batch_size: int = 1, tokens: int | None = None,
+                 repeats: int = 3, seed: int = 0) -> list[Timing]:
+    """Rows of `format_export_bench` for a GPT-2-shaped float32 `model` on the CPU: generation of `new_tokens` greedy
+    tokens (batch 1, 8-token prompt) by ours, transformers and ONNX Runtime; forward of batch_size × tokens
+    (default block_size) by PyTorch eager and ONNX Runtime. Each group timed in turns; first calls kept apart."""
+    block, vocab = model.config.block_size, model.config.vocab_size
+    tokens = block if tokens is None else tokens
+    for name, value, most in (("new_tokens", new_tokens, block - 8), ("batch_size", batch_size, None),
+                              ("tokens", tokens, block), ("repeats", repeats, None)):
+        if value < 1 or (most is not None and value > most):
+            raise CourseError(f"{name}={value}: give a whole number from 1" + (f" to {most}." if most else "."))
+    generator = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, vocab, (1, 8), generator=generator)
+    batch = torch.randint(0, vocab, (batch_size, tokens), generator=generator)
+    model = model.eval()
+    with tempfile.TemporaryDirectory() as folder:
+        generating, forwards = export_timers(model, Path(folder), prompt, new_tokens, batch)
+        rows = []
+        for fns, names, units in ((generating, ("ours", "transformers", "onnxruntime"),
+                                   (f"generate 1x{new_tokens}", new_tokens)),
+                                  (forwards, ("eager", "onnxruntime"),
+                                   (f"forward {batch_size}x{tokens}", batch.numel()))):
+            firsts = time_interleaved(fns, repeats=1, warmup=0)
+            for name, [first], seconds in zip(names, firsts, time_interleaved(fns, repeats=repeats, warmup=0)):
+                rows.append(Timing(f"{units[0]} {name}", "fp32", seconds, tokens=units[1], first_seconds=first))
+    return rows
+
+# %% ../nbs/96_benchmarks.ipynb #092c3dde
+def export_ratios(rows: Sequence[Timing]) -> dict[str, float]:
+    "Our generation tokens/s over transformers' and over ONNX Runtime's, and eager's forward time over ONNX Runtime's."
+    by = {(row.what.split()[0], row.what.split()[-1]): row for row in rows}  # ("generate", "ours"), ...
+    ours = by["generate", "ours"].tokens_per_s
+    return dict(ours_vs_transformers=ours / by["generate", "transformers"].tokens_per_s,
+                ours_vs_onnxruntime=ours / by["generate", "onnxruntime"].tokens_per_s,
+                onnxruntime_forward_speedup=by["forward", "eager"].best / by["forward", "onnxruntime"].best)
+
+
+def format_export_bench(rows: Sequence[Timing]) -> str:
+    "The rows of `bench_export` as a table, then the ratios and whether generation meets its goal."
+    ratios = export_ratios(rows)
+    met = "met" if ratios["ours_vs_transformers"] >= EXPORT_GENERATE_TARGET else "not met"
+    return "\n".join(timing_table(rows) + [
+        f"generation: ours {ratios['ours_vs_transformers']:.2f}x transformers' tokens/s (goal >= "
+        f"{EXPORT_GENERATE_TARGET:.1f}x: {met}), {ratios['ours_vs_onnxruntime']:.2f}x ONNX Runtime's",
+        f"forward: ONNX Runtime {ratios['onnxruntime_forward_speedup']:.2f}x as fast as PyTorch eager"])

@@ -23,7 +23,7 @@ __all__ = ['EVAL_REPORT_KEYS', 'FULL_FINETUNE_LR', 'LORA_LR', 'QUANTIZE_METHODS'
            'load_saved_model', 'cmd_generate', 'cmd_compare', 'cmd_instructor_release', 'cmd_grade', 'task_entry',
            'eval_report', 'format_eval_report', 'cmd_eval', 'lora_parts', 'cmd_finetune', 'load_chat_checkpoint',
            'cmd_chat', 'check_quantize_out', 'save_quantized_folder', 'cmd_quantize', 'cmd_bench_quantize',
-           'cli_program', 'cmd_launch', 'main']
+           'cmd_bench_export', 'cli_program', 'cmd_launch', 'main']
 
 # %% ../nbs/98_cli.ipynb #2a6ba9f3
 def _add_corpus(parser: argparse.ArgumentParser, flag: str, help_verb: str) -> None:
@@ -71,7 +71,7 @@ def _add_data_commands(commands) -> None:
 
 # %% ../nbs/98_cli.ipynb #09088057
 def _add_bench_commands(commands) -> None:
-    "`bench tokenizer|model|train|distributed|eval|finetune|quantize`."
+    "`bench tokenizer|model|train|distributed|eval|finetune|quantize|export`."
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
     bench_tok = bench.add_parser("tokenizer", help="BPE training: incremental vs the naive reference")
     bench_tok.add_argument("--text-bytes", type=int, default=100_000)
@@ -123,6 +123,16 @@ def _add_bench_commands(commands) -> None:
     bench_q.add_argument("--new-tokens", type=int, default=64, help="generated tokens, batch 1 (default: 64)")
     bench_q.add_argument("--batch", type=int, default=8, help="rows of the timed forward pass (default: 8)")
     bench_q.add_argument("--repeats", type=int, default=3, help="timed calls of each, in turns (default: 3)")
+
+    bench_x = bench.add_parser("export", help="generation and forward speed of our model, transformers and ONNX "
+                                              "Runtime (chapter 14)")
+    bench_x.add_argument("--checkpoint", default=None,
+                         help="a saved GPT-2-shaped model or run folder (default: the profile's course model)")
+    bench_x.add_argument("--new-tokens", type=int, default=64, help="generated tokens, batch 1 (default: 64)")
+    bench_x.add_argument("--batch", type=int, default=1, help="rows of the timed forward pass (default: 1)")
+    bench_x.add_argument("--tokens", type=int, default=None,
+                         help="tokens per row of the forward pass (default: block_size)")
+    bench_x.add_argument("--repeats", type=int, default=3, help="timed calls of each, in turns (default: 3)")
 
 
 # %% ../nbs/98_cli.ipynb #d8d72817
@@ -670,6 +680,22 @@ def cmd_bench_quantize(args) -> int:
     print(format_quantize_bench(rows))
     return 0
 
+def cmd_bench_export(args) -> int:
+    import torch
+
+    from openllm_edu.bench import bench_export, format_export_bench
+    from openllm_edu.model import course_model, load_pretrained
+
+    if args.checkpoint:  # no tokenizer needed: the prompts are random ids
+        folder = saved_model_folder(args.checkpoint)
+        model, _ = load_pretrained(folder)
+    else:
+        (model, _), folder = course_model(args.profile), f"the {args.profile or 'active'} profile's course model"
+    rows = bench_export(model, args.new_tokens, args.batch, args.tokens, args.repeats)
+    print(f"{folder}; float32 on the CPU, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(format_export_bench(rows))
+    return 0
+
 # %% ../nbs/98_cli.ipynb #e8671841
 CLI_WORKER = "import sys; from openllm_edu.cli import main; sys.exit(main(sys.argv[1:]))"
 
@@ -711,6 +737,7 @@ HANDLERS = {
     ("bench", "model"): cmd_bench_model, ("bench", "train"): cmd_bench_train,
     ("bench", "distributed"): cmd_bench_distributed, ("bench", "eval"): cmd_bench_eval,
     ("bench", "finetune"): cmd_bench_finetune, ("bench", "quantize"): cmd_bench_quantize,
+    ("bench", "export"): cmd_bench_export,
     ("generate", None): cmd_generate, ("eval", None): cmd_eval,
     ("compare", None): cmd_compare, ("finetune", None): cmd_finetune, ("chat", None): cmd_chat,
     ("quantize", None): cmd_quantize,

@@ -455,3 +455,44 @@ def test_bench_finetune_cli_on_tiny():
     assert [line.split()[0] for line in lines[2:5]] == ["full", "LoRA", "LoRA"]
     assert lines[3].split()[1] == "r=2" and lines[4].split()[1] == "r=4"
     assert lines[5].startswith("targets:") and lines[6].startswith("estimated (chapter 08):")
+
+
+def test_bench_export_rows_and_ratios_on_a_tiny_model():
+    pytest.importorskip("transformers", reason="bench export compares with transformers (the export extra)")
+    pytest.importorskip("onnxruntime", reason="bench export runs ONNX Runtime (the export extra)")
+    pytest.importorskip("onnxscript", reason="the ONNX export needs onnxscript (the export extra)")
+    from openllm_edu.bench import bench_export, export_ratios, format_export_bench
+    from openllm_edu.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=128, block_size=24, n_layer=1, n_head=2, n_embd=32))
+    rows = bench_export(model, new_tokens=4, batch_size=2, tokens=10, repeats=2)
+    assert [row.what for row in rows] == ["generate 1x4 ours", "generate 1x4 transformers", "generate 1x4 onnxruntime",
+                                          "forward 2x10 eager", "forward 2x10 onnxruntime"]
+    assert [row.tokens for row in rows] == [4, 4, 4, 20, 20]
+    assert all(len(row.seconds) == 2 and row.best > 0 and row.first_seconds > 0 for row in rows)
+    ratios = export_ratios(rows)
+    assert ratios["ours_vs_transformers"] == pytest.approx(rows[1].best / rows[0].best)
+    assert ratios["ours_vs_onnxruntime"] == pytest.approx(rows[2].best / rows[0].best)
+    assert ratios["onnxruntime_forward_speedup"] == pytest.approx(rows[3].best / rows[4].best)
+    lines = format_export_bench(rows).splitlines()
+    assert len(lines) == 2 + 5 + 2 and lines[-2].startswith("generation: ours ") and "goal >= 1.0x" in lines[-2]
+    assert lines[-1] == f"forward: ONNX Runtime {ratios['onnxruntime_forward_speedup']:.2f}x as fast as PyTorch eager"
+    with pytest.raises(CourseError, match="new_tokens=17"):
+        bench_export(model, new_tokens=17)  # 8 prompt tokens + 17 pass block_size 24
+
+
+def test_bench_export_cli_on_a_saved_model(tmp_path):
+    pytest.importorskip("transformers", reason="bench export compares with transformers (the export extra)")
+    pytest.importorskip("onnxruntime", reason="bench export runs ONNX Runtime (the export extra)")
+    from openllm_edu.model import GPT, save_pretrained
+
+    torch.manual_seed(0)
+    save_pretrained(GPT(GPTConfig(vocab_size=128, block_size=24, n_layer=1, n_head=2, n_embd=32)), tmp_path / "m")
+    done = subprocess.run([sys.executable, "-c", CLI_MAIN, "bench", "export", "--checkpoint", str(tmp_path / "m"),
+                           "--new-tokens", "4", "--repeats", "1"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith(f"{tmp_path / 'm'}; float32 on the CPU")
+    assert [line.split()[2] for line in lines[3:8]] == ["ours", "transformers", "onnxruntime", "eager", "onnxruntime"]
+    assert lines[5].split()[1] == "1x4" and lines[6].split()[1] == "1x24"  # forward default: batch 1 x block_size
