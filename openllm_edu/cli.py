@@ -17,13 +17,14 @@ from .core import CourseError, environment_report, get_profile, load_settings
 from .train_commands import add_train_commands, cmd_run, cmd_train, launch_failure
 
 # %% auto #0
-__all__ = ['EVAL_REPORT_KEYS', 'FULL_FINETUNE_LR', 'LORA_LR', 'QUANTIZE_METHODS', 'CLI_WORKER', 'HANDLERS', 'build_parser',
-           'cmd_doctor', 'cmd_tokenizer_train', 'cmd_data_prepare', 'cmd_bench_tokenizer', 'cmd_bench_model',
-           'cmd_bench_train', 'cmd_bench_distributed', 'cmd_bench_eval', 'cmd_bench_finetune', 'saved_model_folder',
-           'load_saved_model', 'cmd_generate', 'cmd_compare', 'cmd_instructor_release', 'cmd_grade', 'task_entry',
-           'eval_report', 'format_eval_report', 'cmd_eval', 'lora_parts', 'cmd_finetune', 'load_chat_checkpoint',
-           'cmd_chat', 'check_quantize_out', 'save_quantized_folder', 'cmd_quantize', 'cmd_bench_quantize',
-           'cmd_bench_export', 'cli_program', 'cmd_launch', 'main']
+__all__ = ['EVAL_REPORT_KEYS', 'FULL_FINETUNE_LR', 'LORA_LR', 'QUANTIZE_METHODS', 'EXPORT_FORMATS', 'CLI_WORKER', 'HANDLERS',
+           'build_parser', 'cmd_doctor', 'cmd_tokenizer_train', 'cmd_data_prepare', 'cmd_bench_tokenizer',
+           'cmd_bench_model', 'cmd_bench_train', 'cmd_bench_distributed', 'cmd_bench_eval', 'cmd_bench_finetune',
+           'saved_model_folder', 'load_saved_model', 'cmd_generate', 'cmd_compare', 'cmd_instructor_release',
+           'cmd_grade', 'task_entry', 'eval_report', 'format_eval_report', 'cmd_eval', 'lora_parts', 'cmd_finetune',
+           'load_chat_checkpoint', 'cmd_chat', 'check_quantize_out', 'save_quantized_folder', 'cmd_quantize',
+           'cmd_bench_quantize', 'cmd_bench_export', 'exported_logits', 'check_export', 'refuse_quantized_export',
+           'cmd_export', 'cli_program', 'cmd_launch', 'main']
 
 # %% ../nbs/98_cli.ipynb #2a6ba9f3
 def _add_corpus(parser: argparse.ArgumentParser, flag: str, help_verb: str) -> None:
@@ -226,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("doctor", help="check Python, packages, device and memory")
     add_train_commands(commands)  # train and run (97)
     for add in (_add_launch, _add_data_commands, _add_bench_commands, _add_generate, _add_eval,
-                _add_compare, _add_chat_commands, _add_quantize, _add_instructor_commands):
+                _add_compare, _add_chat_commands, _add_quantize, _add_export, _add_instructor_commands):
         add(commands)
     return parser
 
@@ -239,6 +240,19 @@ def _add_quantize(commands) -> None:
     quantize.add_argument("--method", default="int8",
                           help="int8, int4-g32, int4-g64, int4-g128, int8-dynamic, torchao-int8 or torchao-int8-dynamic")
     quantize.add_argument("--out", required=True, help="new or empty folder (an earlier quantize output is replaced)")
+
+
+def _add_export(commands) -> None:
+    "`export`: a saved model as Hugging Face transformers, ONNX or GGUF files."
+    export = commands.add_parser("export", help="export a saved model to Hugging Face, ONNX or GGUF (chapter 14)")
+    export.add_argument("--checkpoint", required=True,
+                        help="folder written by save_pretrained, or a run folder (uses its model/)")
+    export.add_argument("--format", required=True, choices=EXPORT_FORMATS,
+                        help="hf (transformers), onnx (ONNX Runtime) or gguf (llama.cpp)")
+    export.add_argument("--out", required=True, help="a new folder (never overwritten)")
+    export.add_argument("--dtype", default="f32", help="gguf only: f32, f16 or q8_0 (default: f32)")
+    export.add_argument("--no-check", action="store_true",
+                        help="skip loading the export back and comparing its logits with the model's")
 
 
 # %% ../nbs/98_cli.ipynb #4b5f58ea
@@ -696,6 +710,78 @@ def cmd_bench_export(args) -> int:
     print(format_export_bench(rows))
     return 0
 
+# %% ../nbs/98_cli.ipynb #96dbe6f7
+EXPORT_FORMATS = ("hf", "onnx", "gguf")
+
+
+def exported_logits(format: str, out: Path, ids):
+    "The logits of what `export` wrote to `out`, computed by the runtime of `format` (transformers, ONNX Runtime, gguf)."
+    import torch
+
+    if format == "hf":
+        import transformers
+
+        transformers.logging.set_verbosity_error()  # the check prints one line, not transformers' progress bars
+        transformers.logging.disable_progress_bar()
+        with torch.no_grad():
+            return transformers.AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits
+    if format == "onnx":
+        from openllm_edu.onnx_export import onnx_logits
+
+        return torch.from_numpy(onnx_logits(out, ids))
+    from openllm_edu.gguf_export import read_gguf
+
+    with torch.no_grad():
+        return read_gguf(out)[0](ids)[0]
+
+
+def check_export(model, format: str, out: Path) -> float:
+    "Max |logit difference| between `model` and its export on 2 rows of random ids as long as the context."
+    import torch
+
+    ids = torch.randint(0, model.config.vocab_size, (2, model.config.block_size),
+                        generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model.eval()(ids)[0]
+    return (exported_logits(format, out, ids).float() - ours).abs().max().item()
+
+# %% ../nbs/98_cli.ipynb #9450d47f
+def refuse_quantized_export(folder: Path, format: str) -> None:
+    from openllm_edu.quantize import QUANTIZATION_FILE
+
+    if (folder / QUANTIZATION_FILE).is_file():
+        raise CourseError(f"{folder} holds a quantised model (chapter 13), which no stock {format} format holds "
+                          f"exactly; export the float model it was made from (for llama.cpp's int8: --format gguf "
+                          f"--dtype q8_0).")
+
+
+def cmd_export(args) -> int:
+    from openllm_edu.model import load_pretrained
+
+    folder = saved_model_folder(args.checkpoint)
+    refuse_quantized_export(folder, args.format)
+    out = Path(args.out)
+    if args.format == "hf":
+        from openllm_edu.export import export_hf as write
+    elif args.format == "onnx":
+        from openllm_edu.onnx_export import export_onnx as write
+    else:
+        from functools import partial
+
+        from openllm_edu.gguf_export import export_gguf
+
+        write = partial(export_gguf, dtype=args.dtype)
+    if args.format != "gguf" and args.dtype != "f32":
+        raise CourseError(f"--dtype {args.dtype} is for --format gguf; {args.format} exports float32 weights.")
+    written = write(folder, out)
+    print(f"{args.format} export of {folder}: {written}")
+    if not args.no_check:
+        model, _ = load_pretrained(folder)
+        rounding = "" if args.format != "gguf" or args.dtype == "f32" else f" (stored as {args.dtype})"
+        print(f"checked: max |logit difference| {check_export(model, args.format, out):.2e} on 2 x "
+              f"{model.config.block_size} ids{rounding}")
+    return 0
+
 # %% ../nbs/98_cli.ipynb #e8671841
 CLI_WORKER = "import sys; from openllm_edu.cli import main; sys.exit(main(sys.argv[1:]))"
 
@@ -740,7 +826,7 @@ HANDLERS = {
     ("bench", "export"): cmd_bench_export,
     ("generate", None): cmd_generate, ("eval", None): cmd_eval,
     ("compare", None): cmd_compare, ("finetune", None): cmd_finetune, ("chat", None): cmd_chat,
-    ("quantize", None): cmd_quantize,
+    ("quantize", None): cmd_quantize, ("export", None): cmd_export,
     ("instructor", "release"): cmd_instructor_release, ("grade", None): cmd_grade,
 }
 
