@@ -428,6 +428,9 @@ def export_hf(source: GPT | str | Path, out_dir: str | Path, tokenizer: Tokenize
         raise CourseError(f"{out_dir} already exists; export to a new folder (or delete this one), so nothing is "
                           f"overwritten.")
     hf_family(model.config)  # refuse before creating anything
+    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+        raise CourseError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only vocab_size="
+                          f"{model.config.vocab_size}; export the model with the tokenizer it was trained with.")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
     try:
@@ -614,8 +617,8 @@ def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
 def import_hf(folder: str | Path) -> tuple[GPT, Tokenizer | None]:
     """Our GPT (float32, eval mode) from a GPT-2-, Llama- or Mistral-shaped checkpoint folder (config.json and
     model.safetensors), computing exactly what transformers computes, and its tokenizer: our BPE (or chat tokenizer)
-    when tokenizer.json is exactly one we export, else None (bring your own). Anything our GPT can't reproduce
-    exactly is refused naming the field."""
+    when tokenizer.json is exactly one we export, else (or without the tokenizers package) None: bring your own.
+    Anything our GPT can't reproduce exactly is refused naming the field."""
     folder = Path(folder)
     values, tensors = read_hf_config(folder), read_hf_weights(folder)
     if values["model_type"] == "gpt2":

@@ -445,3 +445,10 @@ def test_the_model_card_carries_the_finetune_table(tmp_path):
     with pytest.raises(CourseError, match="finetune.json is not valid JSON"):
         export_hf(folder, tmp_path / "hf2")
     assert not (tmp_path / "hf2").exists()
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused(tmp_path):
+    _, tokenizer = course_model("ci")  # 512 ids
+    with pytest.raises(CourseError, match="tokenizer has 512 ids"):
+        export_hf(random_gpt(vocab_size=300), tmp_path / "hf", tokenizer)
+    assert list(tmp_path.iterdir()) == []
