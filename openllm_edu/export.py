@@ -3,6 +3,7 @@
 # %% ../nbs/14_export.ipynb #06a975c6
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -10,17 +11,26 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .chat import CHAT_FILE, END, PAD, ChatTokenizer, chat_template, load_chat_tokenizer
 from .core import CourseError
-from .model import GPT, GPTConfig, load_pretrained, unwrap_model
+from .finetune import FINETUNE_REPORT, format_finetune_report
+from .model import REPORT_FILE, TOKENIZER_DIR, GPT, GPTConfig, load_pretrained, unwrap_model
 from .tokenizer import EOS_TOKEN, SPLIT_PATTERNS, BPETokenizer, Tokenizer
 
 # %% auto #0
-__all__ = ['GPT2_ACTIVATION', 'GPT2_FIELDS', 'check_gpt2_compatible', 'gpt2_config', 'plain_linear', 'conv1d_weight',
-           'bias_or_zeros', 'gpt2_block_tensors', 'gpt2_state_dict', 'byte_to_unicode', 'byte_level_string',
-           'hf_tokenizer', 'write_weights', 'tokenizer_config', 'write_hf_files', 'export_hf']
+__all__ = ['GPT2_ACTIVATION', 'GPT2_FIELDS', 'HF_ARCHITECTURES', 'LLAMA_FIELDS', 'RUN_SUMMARY', 'FAMILY_NAMES', 'GPT2_CONV1D',
+           'GPT2_MASKS', 'check_gpt2_compatible', 'gpt2_config', 'plain_linear', 'conv1d_weight', 'bias_or_zeros',
+           'gpt2_block_tensors', 'gpt2_state_dict', 'byte_to_unicode', 'byte_level_string', 'hf_tokenizer',
+           'check_llama_compatible', 'hf_family', 'llama_config', 'hf_config', 'llama_tensor_names', 'plain_tensors',
+           'llama_state_dict', 'hf_state_dict', 'hf_chat_tokenizer', 'hf_tokenizer_for', 'tokenizer_config',
+           'saved_metadata', 'describe_tokenizer', 'card_model_lines', 'card_training_lines', 'model_card',
+           'write_weights', 'write_json', 'write_hf_files', 'load_saved', 'export_hf', 'hf_field', 'refuse_field',
+           'default_or', 'config_from_gpt2', 'rope_theta', 'config_from_llama', 'gpt2_our_name', 'gpt2_tensors_to_ours',
+           'gpt2_has_bias', 'llama_tensors_to_ours', 'split_pattern_of', 'bpe_from_hf', 'tokenizer_from_hf',
+           'read_hf_config', 'read_hf_weights', 'import_hf']
 
 # %% ../nbs/14_export.ipynb #57291d83
 GPT2_ACTIVATION = "gelu"  # transformers' exact erf GELU, as our nn.GELU(); "gelu_new" is GPT-2's tanh approximation
@@ -145,50 +155,482 @@ def hf_tokenizer(tokenizer: Tokenizer):
     assert fast.token_to_id(EOS_TOKEN) == tokenizer.eos_id
     return fast
 
+# %% ../nbs/14_export.ipynb #b1c0a006
+HF_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+
+# field -> (the value Llama and Mistral need, what they do instead); pos="rope" is what leads a config here
+LLAMA_FIELDS = {
+    "norm": ("rmsnorm", "Llama and Mistral normalise with RMSNorm"),
+    "mlp": ("swiglu", "Llama and Mistral use a SwiGLU MLP"),
+}
+
+
+def check_llama_compatible(config: GPTConfig) -> None:
+    "Raise a one-line CourseError naming the first field of `config` that Llama and Mistral can't reproduce."
+    if config.pos != "rope":
+        raise CourseError(f"pos={config.pos!r} has no Llama or Mistral equivalent (they rotate queries and keys "
+                          f"with RoPE); only a model with pos='rope' exports as Llama or Mistral.")
+    for field, (needed, reason) in LLAMA_FIELDS.items():
+        if getattr(config, field) != needed:
+            raise CourseError(f"{field}={getattr(config, field)!r} with pos='rope' has no stock transformers class "
+                              f"({reason}; GPT-2 learns its positions); use {field}={needed!r}, or pos='learned'.")
+    if config.window is not None and config.bias:
+        raise CourseError(f"bias=True with window={config.window} has no Mistral equivalent (Mistral's layers have "
+                          f"no biases); use bias=False, or window=None to export as Llama, which has them.")
+
+
+def hf_family(config: GPTConfig) -> str:
+    "The stock transformers family that computes what GPT(config) computes: 'gpt2', 'llama' or 'mistral'."
+    if config.pos == "learned":
+        check_gpt2_compatible(config)
+        return "gpt2"
+    check_llama_compatible(config)
+    return "llama" if config.window is None else "mistral"
+
+# %% ../nbs/14_export.ipynb #b1c0a008
+def llama_config(config: GPTConfig, tokenizer: Tokenizer | None = None) -> dict:
+    """The config.json of a LlamaForCausalLM (with a window: MistralForCausalLM) that computes what GPT(config)
+    computes; bos/eos ids from `tokenizer`."""
+    check_llama_compatible(config)
+    family = "llama" if config.window is None else "mistral"
+    eos_id = tokenizer.eos_id if tokenizer is not None else None
+    values = dict(
+        model_type=family, architectures=[HF_ARCHITECTURES[family]],
+        vocab_size=config.vocab_size, max_position_embeddings=config.block_size,
+        num_hidden_layers=config.n_layer, num_attention_heads=config.n_head, num_key_value_heads=config.num_kv_heads,
+        hidden_size=config.n_embd, head_dim=config.head_dim, intermediate_size=config.mlp_hidden_size,
+        hidden_act="silu", rms_norm_eps=config.norm_eps,
+        rope_parameters=dict(rope_type="default", rope_theta=config.rope_base),
+        attention_dropout=config.dropout, tie_word_embeddings=config.tie_embeddings,
+        bos_token_id=eos_id, eos_token_id=eos_id)
+    if family == "llama":
+        values.update(attention_bias=config.bias, mlp_bias=config.bias)  # our bias: every Linear, as these two
+    else:
+        values["sliding_window"] = config.window
+    return values
+
+
+def hf_config(config: GPTConfig, tokenizer: Tokenizer | None = None) -> dict:
+    "The config.json of the stock transformers class (see hf_family) that computes what GPT(config) computes."
+    return gpt2_config(config, tokenizer) if hf_family(config) == "gpt2" else llama_config(config, tokenizer)
+
+# %% ../nbs/14_export.ipynb #b1c0a011
+def llama_tensor_names(config: GPTConfig) -> dict[str, dict[str, int]]:
+    "Our tensor name -> {Llama tensor name: its rows}; a fused layer of ours is several of theirs, stacked in order."
+    c, hidden = config, config.mlp_hidden_size
+    q_rows, kv_rows = c.n_head * c.head_dim, c.num_kv_heads * c.head_dim
+    fused = {"attn.c_attn": {"self_attn.q_proj": q_rows, "self_attn.k_proj": kv_rows, "self_attn.v_proj": kv_rows},
+             "attn.c_proj": {"self_attn.o_proj": c.n_embd},
+             "mlp.c_fc": {"mlp.gate_proj": hidden, "mlp.up_proj": hidden},  # SwiGLUMLP: gate, up = chunk(2)
+             "mlp.c_proj": {"mlp.down_proj": c.n_embd}}
+    names = {"wte.weight": {"model.embed_tokens.weight": c.vocab_size}}
+    for i in range(c.n_layer):
+        ours, theirs = f"blocks.{i}", f"model.layers.{i}"
+        names[f"{ours}.ln_1.weight"] = {f"{theirs}.input_layernorm.weight": c.n_embd}
+        names[f"{ours}.ln_2.weight"] = {f"{theirs}.post_attention_layernorm.weight": c.n_embd}
+        for kind in ("weight", "bias") if c.bias else ("weight",):
+            for layer, parts in fused.items():
+                names[f"{ours}.{layer}.{kind}"] = {f"{theirs}.{part}.{kind}": rows for part, rows in parts.items()}
+    names["ln_f.weight"] = {"model.norm.weight": c.n_embd}
+    if not c.tie_embeddings:  # tied: transformers points lm_head at embed_tokens itself
+        names["lm_head.weight"] = {"lm_head.weight": c.vocab_size}
+    return names
+
+# %% ../nbs/14_export.ipynb #b1c0a013
+def plain_tensors(model: GPT) -> dict[str, torch.Tensor]:
+    "The model's tensors by name, refused if a layer is an adapter or quantised: only plain float weights export."
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in ("c_attn", "c_proj", "c_fc", "lm_head"):
+            plain_linear(module, name)
+    return {name: t.detach() for name, t in model.state_dict().items()}
+
+
+def llama_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    "Our GPT's tensors under LlamaForCausalLM's (or MistralForCausalLM's) names, each a contiguous copy."
+    model = unwrap_model(model)
+    check_llama_compatible(model.config)
+    ours, tensors = plain_tensors(model), {}
+    for name, theirs in llama_tensor_names(model.config).items():
+        tensors.update(zip(theirs, ours[name].split(list(theirs.values()))))
+    return {name: t.contiguous().clone() for name, t in tensors.items()}
+
+
+def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    "Our GPT's tensors under the names of its stock transformers class (see hf_family)."
+    model = unwrap_model(model)
+    return gpt2_state_dict(model) if hf_family(model.config) == "gpt2" else llama_state_dict(model)
+
+# %% ../nbs/14_export.ipynb #b2c0a002
+def hf_chat_tokenizer(tokenizer: ChatTokenizer):
+    "A ChatTokenizer as a `tokenizers.Tokenizer`: its base BPE, then each chat special as a special token, our ids."
+    from tokenizers import AddedToken
+
+    fast = hf_tokenizer(tokenizer.base)
+    fast.add_special_tokens([AddedToken(name, special=True) for name in tokenizer.specials])
+    for name in tokenizer.specials:
+        if fast.token_to_id(name) != tokenizer.special_id(name):
+            raise CourseError(f"the chat token {name!r} would get id {fast.token_to_id(name)} in transformers but is "
+                              f"{tokenizer.special_id(name)} here (its text is already a token of the BPE); choose "
+                              f"other special names, or export the model without its tokenizer (tokenizer=None).")
+    return fast
+
+
+def hf_tokenizer_for(tokenizer: Tokenizer):
+    "The `tokenizers.Tokenizer` that gives our ids: a chat tokenizer's specials included."
+    return hf_chat_tokenizer(tokenizer) if isinstance(tokenizer, ChatTokenizer) else hf_tokenizer(tokenizer)
+
+
+def tokenizer_config(tokenizer: Tokenizer, block_size: int) -> dict:
+    """tokenizer_config.json for AutoTokenizer: the fast tokenizer as it is, nothing added around our ids; for a chat
+    tokenizer, chapter 11's template and <|end|> as the end of a turn."""
+    values = dict(tokenizer_class="PreTrainedTokenizerFast", model_max_length=block_size, bos_token=EOS_TOKEN,
+                  eos_token=EOS_TOKEN, pad_token=EOS_TOKEN, add_prefix_space=False,
+                  clean_up_tokenization_spaces=False)  # True: older transformers drop spaces before punctuation
+    if isinstance(tokenizer, ChatTokenizer):
+        values.update(eos_token=END, chat_template=chat_template(tokenizer))
+        if PAD in tokenizer.specials:
+            values["pad_token"] = PAD
+    return values
+
+# %% ../nbs/14_export.ipynb #b2c0a004
+RUN_SUMMARY = "summary.json"  # what `openllm-edu train` writes beside its model/ folder
+
+
+def saved_metadata(source: Path | None) -> dict:
+    """What was recorded with a saved model, by kind: 'training' (training.json), 'finetune' (finetune.json) and, for
+    the train command's runs/NAME/model/, 'run' (runs/NAME/summary.json)."""
+    if source is None:
+        return {}
+    paths = {"training": source / REPORT_FILE, "finetune": source / FINETUNE_REPORT}
+    if source.name == "model":
+        paths["run"] = source.parent / RUN_SUMMARY
+    found = {}
+    for kind, path in paths.items():
+        if path.is_file():
+            try:
+                found[kind] = json.loads(path.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise CourseError(f"{path} is not valid JSON ({e}); repair or remove it, so that the model card "
+                                  f"states only what was recorded.") from None
+    return found
+
+
+def describe_tokenizer(tokenizer: Tokenizer | None) -> str:
+    if tokenizer is None:
+        return "not exported; use the tokenizer the model was trained with"
+    if isinstance(tokenizer, ChatTokenizer):
+        names = ", ".join(f"`{name}`" for name in tokenizer.specials)
+        return (f"byte-level BPE of {tokenizer.base.vocab_size:,} ids and the chat tokens {names}, with a chat "
+                f"template (`apply_chat_template`)")
+    return f"byte-level BPE of {tokenizer.vocab_size:,} ids, the last `{EOS_TOKEN}`"
+
+
+def card_model_lines(model: GPT, tokenizer: Tokenizer | None, family: str) -> list[str]:
+    c = model.config
+    return [f"- **Architecture:** `{HF_ARCHITECTURES[family]}` (stock `transformers`, no custom code): "
+            f"{c.pos} positions, {c.norm}, {c.mlp} MLP, {'tied' if c.tie_embeddings else 'untied'} output head",
+            f"- **Parameters:** {model.num_params():,}",
+            f"- **Layers / heads / key-value heads / width:** {c.n_layer} / {c.n_head} / {c.num_kv_heads} / {c.n_embd}"
+            f" (MLP {c.mlp_hidden_size})",
+            f"- **Context:** {c.block_size} tokens" + (f", sliding window of {c.window}" if c.window else ""),
+            f"- **Tokenizer:** {describe_tokenizer(tokenizer)}"]
+
+# %% ../nbs/14_export.ipynb #b2c0a005
+def card_training_lines(metadata: dict) -> list[str]:
+    "What was recorded about the training data and held-out results; every number from the saved reports."
+    lines = []
+    if "training" in metadata:
+        report, recipe = metadata["training"], metadata["training"].get("recipe", {})
+        lines.append(f"- **Pretraining:** the course corpus, Shakespeare's plays (public domain), profile "
+                     f"`{recipe.get('profile', {}).get('name', 'unrecorded')}`, {recipe.get('steps', '?')} steps.")
+        if "bits_per_byte" in report.get("held_out", {}):
+            lines.append(f"- **Held-out scenes:** {report['held_out']['bits_per_byte']:.4f} bits per byte.")
+    if "run" in metadata:
+        run = metadata["run"]
+        lines.append(f"- **Training run** (`openllm-edu train`): {run.get('steps', '?')} steps.")
+        if run.get("best_val_bits_per_byte") is not None:
+            lines.append(f"- **Best validation:** {run['best_val_bits_per_byte']:.4f} bits per byte at step "
+                         f"{run.get('best_step', '?')}.")
+    if "finetune" in metadata:
+        tune = metadata["finetune"]
+        lines.append(f"- **Fine-tuning** ({tune.get('method', '?')}): data `{tune.get('data', '?')}`, "
+                     f"{tune.get('steps', '?')} steps; held out: {tune.get('held_out', '?')}.")
+        if "before" in tune and "after" in tune:
+            lines += ["", "```", format_finetune_report(tune), "```"]
+    return lines or ["Nothing about the training data or its evaluation was saved with this model."]
+
+
+FAMILY_NAMES = {"gpt2": "GPT-2", "llama": "Llama", "mistral": "Mistral"}
+
+
+def model_card(model: GPT, tokenizer: Tokenizer | None, family: str, metadata: dict) -> str:
+    "README.md of an export: architecture, size, tokenizer, data and results as recorded, licence, intended use."
+    data_licence = ("Shakespeare's plays, public domain." if "training" in metadata
+                    else "not recorded with this model.")
+    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation",
+             f"tags: [openllm-edu, {family}]", "---", "",
+             f"# A small {FAMILY_NAMES[family]}-shaped language model from openllm_edu", "",
+             "Built and trained with openllm_edu, a course that builds a GPT-style language model from scratch, and "
+             "exported to the stock `transformers` class below (same weights, same logits).", "",
+             "## Model", "", *card_model_lines(model, tokenizer, family), "",
+             "## Training data and evaluation", "", *card_training_lines(metadata), "",
+             "## Licence", "", "- Code: openllm_edu, GPL-3.0-or-later.", f"- Training text: {data_licence}", "",
+             "## Intended use", "",
+             "Teaching and experiments: reading, probing and comparing a small language model. Not for production: "
+             "it is small, briefly trained, unevaluated for safety, and writes fluent-looking text that is often "
+             "wrong."]
+    return "\n".join(lines) + "\n"
+
 # %% ../nbs/14_export.ipynb #87b666ad
 def write_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file(tensors, str(path), metadata={"format": "pt"})  # "pt": transformers reads it as PyTorch weights
 
 
-def tokenizer_config(tokenizer: BPETokenizer, block_size: int) -> dict:
-    "tokenizer_config.json for AutoTokenizer: the fast tokenizer as it is, nothing added around our ids."
-    return dict(tokenizer_class="PreTrainedTokenizerFast", model_max_length=block_size, bos_token=EOS_TOKEN,
-                eos_token=EOS_TOKEN, pad_token=EOS_TOKEN, add_prefix_space=False,
-                clean_up_tokenization_spaces=False)  # True: older transformers drop spaces before punctuation
+def write_json(path: Path, values: dict) -> None:
+    path.write_text(json.dumps(values, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def write_hf_files(folder: Path, model: GPT, tokenizer: Tokenizer | None) -> None:
-    config = gpt2_config(model.config, tokenizer)
+def write_hf_files(folder: Path, model: GPT, tokenizer: Tokenizer | None, metadata: dict | None = None) -> None:
+    "Everything `from_pretrained` reads, and the model card, into `folder`."
+    family = hf_family(model.config)
+    config = hf_config(model.config, tokenizer)
     config["dtype"] = str(model.wte.weight.dtype).removeprefix("torch.")
-    write_weights(gpt2_state_dict(model), folder / "model.safetensors")
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    write_weights(hf_state_dict(model), folder / "model.safetensors")
+    write_json(folder / "config.json", config)
     eos = config["eos_token_id"]
-    generation = dict(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
-    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+    write_json(folder / "generation_config.json", dict(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos))
     if tokenizer is not None:
-        hf_tokenizer(tokenizer).save(str(folder / "tokenizer.json"))
-        (folder / "tokenizer_config.json").write_text(
-            json.dumps(tokenizer_config(tokenizer, model.config.block_size), indent=2) + "\n", encoding="utf-8")
+        hf_tokenizer_for(tokenizer).save(str(folder / "tokenizer.json"))
+        write_json(folder / "tokenizer_config.json", tokenizer_config(tokenizer, model.config.block_size))
+    (folder / "README.md").write_text(model_card(model, tokenizer, family, metadata or {}), encoding="utf-8")
 
 # %% ../nbs/14_export.ipynb #ef559b99
+def load_saved(folder: Path) -> tuple[GPT, Tokenizer | None]:
+    "A model save_pretrained wrote, with its tokenizer; a fine-tuned chat model's tokenizer keeps its chat tokens."
+    model, tokenizer = load_pretrained(folder)
+    if (folder / TOKENIZER_DIR / CHAT_FILE).is_file():
+        tokenizer = load_chat_tokenizer(folder / TOKENIZER_DIR)
+    return model, tokenizer
+
+
 def export_hf(source: GPT | str | Path, out_dir: str | Path, tokenizer: Tokenizer | None = None) -> Path:
-    """Write `source` (a GPT, or a folder save_pretrained wrote) to the new folder `out_dir` as a model that
-    transformers' AutoModelForCausalLM loads; with a tokenizer (given, or saved with the model) AutoTokenizer too."""
+    """Write `source` (a GPT, or a folder save_pretrained, training or fine-tuning wrote) to the new folder `out_dir`
+    as the GPT-2, Llama or Mistral model (see hf_family) that transformers' AutoModelForCausalLM loads; with a
+    tokenizer (given, or saved with the model) AutoTokenizer too; and a README.md model card."""
+    metadata = {}
     if isinstance(source, (str, Path)):
-        model, saved_tokenizer = load_pretrained(source)
-        tokenizer = tokenizer or saved_tokenizer
+        model, saved_tokenizer = load_saved(Path(source))
+        tokenizer, metadata = tokenizer or saved_tokenizer, saved_metadata(Path(source))
     else:
         model = unwrap_model(source)
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise CourseError(f"{out_dir} already exists; export to a new folder (or delete this one), so nothing is "
                           f"overwritten.")
-    check_gpt2_compatible(model.config)  # refuse before creating anything
+    hf_family(model.config)  # refuse before creating anything
+    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+        raise CourseError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only vocab_size="
+                          f"{model.config.vocab_size}; export the model with the tokenizer it was trained with.")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
     try:
-        write_hf_files(partial, model, tokenizer)
+        write_hf_files(partial, model, tokenizer, metadata)
         os.replace(partial, out_dir)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return out_dir
+
+# %% ../nbs/14_export.ipynb #b4c0a002
+def hf_field(values: dict, name: str, default=None):
+    "config.json's `name`, or `default`; a required field (default None) that is missing is refused."
+    if values.get(name) is None and default is None:
+        raise CourseError(f"config.json has no {name}; this checkpoint can't be imported without it (add the value "
+                          f"its transformers class uses).")
+    return values[name] if values.get(name) is not None else default
+
+
+def refuse_field(name: str, value, reason: str) -> None:
+    raise CourseError(f"{name}={value!r} can't be imported exactly: {reason}.")
+
+
+def default_or(value: int, default: int) -> int | None:
+    "None (our config's 'the default rule') when `value` is what the rule gives, else `value`."
+    return None if value == default else value
+
+
+def config_from_gpt2(values: dict, has_bias: bool) -> GPTConfig:
+    "Our config for a GPT2LMHeadModel's config.json; `has_bias`: is any bias tensor non-zero."
+    activation = hf_field(values, "activation_function", "gelu_new")
+    if activation != GPT2_ACTIVATION:
+        refuse_field("activation_function", activation, "our GELU is the exact erf one ('gelu'); a tanh or other "
+                     "approximation changes every activation, so only checkpoints with 'gelu' import")
+    if values.get("scale_attn_by_inverse_layer_idx") or values.get("scale_attn_weights") is False:
+        refuse_field("scale_attn_weights", values.get("scale_attn_weights"), "our attention scales by 1/sqrt(head "
+                     "size) in every layer")
+    n_embd = hf_field(values, "n_embd")
+    return GPTConfig(vocab_size=hf_field(values, "vocab_size"), block_size=hf_field(values, "n_positions"),
+                     n_layer=hf_field(values, "n_layer"), n_head=hf_field(values, "n_head"), n_embd=n_embd,
+                     bias=has_bias, dropout=hf_field(values, "resid_pdrop", 0.0),
+                     norm_eps=hf_field(values, "layer_norm_epsilon", 1e-5),
+                     mlp_hidden=default_or(hf_field(values, "n_inner", 4 * n_embd), 4 * n_embd),
+                     tie_embeddings=hf_field(values, "tie_word_embeddings", True))
+
+# %% ../nbs/14_export.ipynb #b4c0a003
+def rope_theta(values: dict) -> float:
+    "The rotation base of a Llama or Mistral config.json (transformers 5's rope_parameters, or the older fields)."
+    rope = values.get("rope_parameters") or dict(rope_type="default", **values.get("rope_scaling") or {})
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        refuse_field("rope_type", rope.get("rope_type", rope.get("type")), "ours is plain RoPE, without rescaled "
+                     "frequencies")
+    return float(rope.get("rope_theta", values.get("rope_theta", 10000.0)))
+
+
+def config_from_llama(values: dict) -> GPTConfig:
+    "Our config for a LlamaForCausalLM's or MistralForCausalLM's config.json."
+    mistral = values["model_type"] == "mistral"
+    if hf_field(values, "hidden_act", "silu") != "silu":
+        refuse_field("hidden_act", values["hidden_act"], "our SwiGLU gates with silu")
+    bias = bool(values.get("attention_bias", False))
+    if bool(values.get("mlp_bias", False)) != bias:
+        refuse_field("mlp_bias", values.get("mlp_bias"), f"our one bias switch gives attention and MLP biases "
+                     f"together, and attention_bias={bias}")
+    n_embd, n_head = hf_field(values, "hidden_size"), hf_field(values, "num_attention_heads")
+    if hf_field(values, "head_dim", n_embd // n_head) * n_head != n_embd:
+        refuse_field("head_dim", values["head_dim"], f"our heads split hidden_size={n_embd} evenly")
+    n_kv_head = hf_field(values, "num_key_value_heads", None if mistral else n_head)
+    config = GPTConfig(vocab_size=hf_field(values, "vocab_size"), block_size=hf_field(values, "max_position_embeddings"),
+                       n_layer=hf_field(values, "num_hidden_layers"), n_head=n_head, n_embd=n_embd,
+                       n_kv_head=default_or(n_kv_head, n_head), bias=bias, norm="rmsnorm", mlp="swiglu", pos="rope",
+                       dropout=float(hf_field(values, "attention_dropout", 0.0)),
+                       norm_eps=hf_field(values, "rms_norm_eps", 1e-6), rope_base=rope_theta(values),
+                       tie_embeddings=hf_field(values, "tie_word_embeddings", False),
+                       window=values.get("sliding_window", 4096) if mistral else None)  # 4096: Mistral's default
+    width = hf_field(values, "intermediate_size")
+    return config if width == config.mlp_hidden_size else dataclasses.replace(config, mlp_hidden=width)
+
+# %% ../nbs/14_export.ipynb #b4c0a005
+GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+GPT2_MASKS = (".attn.bias", ".attn.masked_bias")  # the causal mask, saved as a buffer by old GPT-2 code
+
+
+def gpt2_our_name(name: str) -> str:
+    "transformer.h.3.mlp.c_fc.weight -> blocks.3.mlp.c_fc.weight (old GPT-2 files have no 'transformer.' prefix)."
+    name = name.removeprefix("transformer.")
+    return "blocks." + name.removeprefix("h.") if name.startswith("h.") else name
+
+
+def gpt2_tensors_to_ours(tensors: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    ours = {}
+    for name, tensor in tensors.items():
+        if name.endswith(GPT2_MASKS) or (name.endswith(".bias") and not config.bias):
+            continue  # a buffer, or a bias that is zero
+        ours[gpt2_our_name(name)] = tensor.t() if name.endswith(GPT2_CONV1D) else tensor
+    if config.tie_embeddings:
+        ours["lm_head.weight"] = ours["wte.weight"]
+    return ours
+
+
+def gpt2_has_bias(tensors: dict[str, torch.Tensor]) -> bool:
+    return any(bool(t.any()) for name, t in tensors.items() if name.endswith(".bias") and not name.endswith(GPT2_MASKS))
+
+
+def llama_tensors_to_ours(tensors: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    ours, used = {}, set()
+    for name, theirs in llama_tensor_names(config).items():
+        missing = [part for part in theirs if part not in tensors]
+        if missing:
+            raise CourseError(f"model.safetensors has no {missing[0]}, which config.json implies; the two files "
+                              f"don't belong together.")
+        ours[name] = torch.cat([tensors[part] for part in theirs])
+        used.update(theirs)
+    if config.tie_embeddings:
+        ours["lm_head.weight"] = ours["wte.weight"]
+    # a tied head may be saved anyway; old files keep RoPE's frequencies, which we compute
+    extra = set(tensors) - used - {"lm_head.weight"} - {n for n in tensors if n.endswith("rotary_emb.inv_freq")}
+    if extra:
+        raise CourseError(f"model.safetensors holds {sorted(extra)[0]}, which our {config.norm}/{config.mlp} GPT has "
+                          f"no place for; this checkpoint is not a plain Llama or Mistral model.")
+    return ours
+
+# %% ../nbs/14_export.ipynb #b4c0a007
+def split_pattern_of(pre_tokenizer: dict | None) -> str | None:
+    "Our split_pattern for an exported pre-tokenizer: a pattern name where one matches, None for bytes only."
+    if pre_tokenizer is None or pre_tokenizer.get("type") == "ByteLevel":
+        return None
+    pattern = pre_tokenizer["pretokenizers"][0]["pattern"]["Regex"]  # Sequence([Split(pattern), ByteLevel])
+    return next((name for name, known in SPLIT_PATTERNS.items() if known == pattern), pattern)
+
+
+def bpe_from_hf(data: dict) -> Tokenizer:
+    "Our BPE (a ChatTokenizer if chat tokens follow <|endoftext|>) read from an exported tokenizer.json's content."
+    vocab, table = data["model"]["vocab"], byte_to_unicode()
+    if [vocab.get(table[b]) for b in range(256)] != list(range(256)):
+        raise ValueError("the first 256 ids are not the bytes")
+    pairs = [pair.split(" ") if isinstance(pair, str) else pair for pair in data["model"]["merges"]]
+    merges = [((vocab[left], vocab[right]), 256 + i) for i, (left, right) in enumerate(pairs)]
+    base = BPETokenizer(split_pattern_of(data.get("pre_tokenizer")))._set_merges(merges)
+    specials = [t["content"] for t in sorted(data["added_tokens"], key=lambda t: t["id"]) if t["id"] >= base.vocab_size]
+    return ChatTokenizer(base, specials) if specials else base
+
+
+def tokenizer_from_hf(path: Path) -> Tokenizer | None:
+    "Our tokenizer from a tokenizer.json, if re-exporting it gives the same file; else (or without tokenizers) None."
+    try:
+        from tokenizers import Tokenizer as FastTokenizer
+    except ImportError:
+        return None
+    if not path.is_file():
+        return None
+    try:
+        ours = bpe_from_hf(json.loads(path.read_text(encoding="utf-8")))
+        rebuilt = json.loads(hf_tokenizer_for(ours).to_str())
+    except (ValueError, KeyError, TypeError, IndexError, CourseError):  # not the shape of a tokenizer we export
+        return None
+    return ours if rebuilt == json.loads(FastTokenizer.from_file(str(path)).to_str()) else None
+
+# %% ../nbs/14_export.ipynb #b4c0a009
+def read_hf_config(folder: Path) -> dict:
+    "config.json of a checkpoint folder, refused unless its model_type is one we import."
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CourseError(f"no config.json in {folder}; point at a Hugging Face checkpoint folder (export_hf writes "
+                          f"one).")
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CourseError(f"{path} is not valid JSON ({e}); export the model again.") from None
+    if values.get("model_type") not in HF_ARCHITECTURES:
+        raise CourseError(f"model_type={values.get('model_type')!r} can't be imported; only "
+                          f"{', '.join(HF_ARCHITECTURES)} checkpoints import into our GPT.")
+    return values
+
+
+def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+    path = folder / "model.safetensors"
+    if not path.is_file():
+        sharded = (folder / "model.safetensors.index.json").is_file()
+        raise CourseError(f"no model.safetensors in {folder}" + ("; this checkpoint is split into shards, which "
+                          "import_hf doesn't join: save it as one file first." if sharded else "; export it again."))
+    return load_file(str(path))
+
+
+def import_hf(folder: str | Path) -> tuple[GPT, Tokenizer | None]:
+    """Our GPT (float32, eval mode) from a GPT-2-, Llama- or Mistral-shaped checkpoint folder (config.json and
+    model.safetensors), computing exactly what transformers computes, and its tokenizer: our BPE (or chat tokenizer)
+    when tokenizer.json is exactly one we export, else (or without the tokenizers package) None: bring your own.
+    Anything our GPT can't reproduce exactly is refused naming the field."""
+    folder = Path(folder)
+    values, tensors = read_hf_config(folder), read_hf_weights(folder)
+    if values["model_type"] == "gpt2":
+        config = config_from_gpt2(values, gpt2_has_bias(tensors))
+        ours = gpt2_tensors_to_ours(tensors, config)
+    else:
+        config = config_from_llama(values)
+        ours = llama_tensors_to_ours(tensors, config)
+    model = GPT(config)
+    try:
+        model.load_state_dict(ours, strict=True)
+    except RuntimeError as e:
+        raise CourseError(f"model.safetensors does not match config.json ({str(e).splitlines()[0][:200]}); the two "
+                          f"files don't belong together.") from None
+    return model.eval(), tokenizer_from_hf(folder / "tokenizer.json")
