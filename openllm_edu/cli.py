@@ -129,7 +129,8 @@ def _add_bench_commands(commands) -> None:
                                               "Runtime (chapter 14)")
     bench_x.add_argument("--checkpoint", default=None,
                          help="a saved GPT-2-shaped model or run folder (default: the profile's course model)")
-    bench_x.add_argument("--new-tokens", type=int, default=64, help="generated tokens, batch 1 (default: 64)")
+    bench_x.add_argument("--new-tokens", type=int, default=None,
+                         help="generated tokens, batch 1 (default: 64, or what the context leaves after the prompt)")
     bench_x.add_argument("--batch", type=int, default=1, help="rows of the timed forward pass (default: 1)")
     bench_x.add_argument("--tokens", type=int, default=None,
                          help="tokens per row of the forward pass (default: block_size)")
@@ -705,7 +706,8 @@ def cmd_bench_export(args) -> int:
         model, _ = load_pretrained(folder)
     else:
         (model, _), folder = course_model(args.profile), f"the {args.profile or 'active'} profile's course model"
-    rows = bench_export(model, args.new_tokens, args.batch, args.tokens, args.repeats)
+    new_tokens = min(64, model.config.block_size - 8) if args.new_tokens is None else args.new_tokens
+    rows = bench_export(model, new_tokens, args.batch, args.tokens, args.repeats)
     print(f"{folder}; float32 on the CPU, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(format_export_bench(rows))
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -61,10 +62,16 @@ def weight_bytes(model: nn.Module) -> int:
 def save_graph(module: nn.Module, args: tuple, dynamic_shapes: dict, input_names: list[str],
                output_names: list[str], path: Path) -> None:
     "Trace `module` on the example `args` with torch.export and write it to `path` as ONNX (torch's default opset)."
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*axis name.*will not be used")  # one axis shared by two inputs
-        program = torch.onnx.export(module.eval(), args, dynamo=True, dynamic_shapes=dynamic_shapes,
-                                    input_names=input_names, output_names=output_names, verbose=False)
+    registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry_log.level
+    registry_log.setLevel(logging.ERROR)  # not "torchvision is not installed": we export no torchvision ops
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*axis name.*will not be used")  # one axis, two inputs
+            program = torch.onnx.export(module.eval(), args, dynamo=True, dynamic_shapes=dynamic_shapes,
+                                        input_names=input_names, output_names=output_names, verbose=False)
+    finally:
+        registry_log.setLevel(level)
     program.save(str(path), external_data=weight_bytes(module) > SINGLE_FILE_BYTES)
 
 
