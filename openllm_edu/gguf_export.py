@@ -12,17 +12,19 @@ import numpy as np
 import torch
 
 from .core import CourseError
-from .export import bias_or_zeros, byte_level_string, byte_to_unicode, check_gpt2_compatible, plain_linear
+from .export import (bias_or_zeros, byte_level_string, byte_to_unicode, check_gpt2_compatible, hf_family,
+                                llama_state_dict, plain_linear)
 from .model import GPT, GPTConfig, load_pretrained, unwrap_model
 from .tokenizer import EOS_TOKEN, SPLIT_PATTERNS, BPETokenizer, Tokenizer
 
 # %% auto #0
-__all__ = ['GGUF_ARCH', 'GGUF_BLOCK_NAMES', 'SPLIT_PATTERN_KEY', 'GGUF_DTYPES', 'GGUF_FILE', 'weight_and_bias', 'gguf_tensors',
-           'add_gguf_metadata', 'add_gguf_tokenizer', 'gguf_array', 'write_gguf', 'export_gguf', 'gguf_fields',
+__all__ = ['GGUF_BLOCK_NAMES', 'GGUF_ARCHES', 'GGUF_LLAMA_NAMES', 'GGUF_LLAMA_TOP', 'SPLIT_PATTERN_KEY', 'GGUF_DTYPES',
+           'GGUF_FILE', 'weight_and_bias', 'gguf_gpt2_tensors', 'interleave_rope_rows', 'halve_rope_rows', 'gguf_arch',
+           'gguf_name', 'gguf_llama_tensors', 'gguf_tensors', 'llama_tensors_from_gguf', 'add_gguf_metadata',
+           'add_gguf_tokenizer', 'gguf_array', 'write_gguf', 'export_gguf', 'gguf_fields', 'stored_float',
            'config_from_gguf', 'gguf_state', 'load_gguf_weights', 'tokenizer_from_gguf', 'read_gguf']
 
 # %% ../nbs/14c_gguf.ipynb #373186d1
-GGUF_ARCH = "gpt2"
 # our name inside a block -> llama.cpp's name inside blk.N (a LayerNorm or a Linear: weight and bias each)
 GGUF_BLOCK_NAMES = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
                     "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
@@ -34,7 +36,7 @@ def weight_and_bias(module: torch.nn.Module, name: str) -> tuple[torch.Tensor, t
     return module.weight.detach(), bias_or_zeros(module, module.weight.shape[0])
 
 
-def gguf_tensors(model: GPT) -> dict[str, torch.Tensor]:
+def gguf_gpt2_tensors(model: GPT) -> dict[str, torch.Tensor]:
     "Our GPT-2-shaped model's tensors under llama.cpp's `gpt2` names, in PyTorch's (out, in) layout."
     model = unwrap_model(model)
     check_gpt2_compatible(model.config)
@@ -48,18 +50,102 @@ def gguf_tensors(model: GPT) -> dict[str, torch.Tensor]:
         tensors["output.weight"] = plain_linear(model.lm_head, "lm_head").weight.detach()
     return tensors
 
+# %% ../nbs/14c_gguf.ipynb #8ebf787f
+def interleave_rope_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    "q or k rows, head by head, from pairs (i, i + d/2) to adjacent pairs (2i, 2i + 1): rows i, i + d/2 -> 2i, 2i + 1."
+    rows, columns = weight.shape
+    halves = weight.reshape(n_heads, 2, rows // n_heads // 2, columns)  # head, which half, pair, input
+    return halves.transpose(1, 2).reshape(rows, columns)
+
+
+def halve_rope_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    "The inverse of interleave_rope_rows: adjacent pairs back to (i, i + d/2)."
+    rows, columns = weight.shape
+    pairs = weight.reshape(n_heads, rows // n_heads // 2, 2, columns)  # head, pair, which of the two, input
+    return pairs.transpose(1, 2).reshape(rows, columns)
+
+# %% ../nbs/14c_gguf.ipynb #696f0d91
+GGUF_ARCHES = ("gpt2", "llama")
+# Llama's name inside model.layers.N -> llama.cpp's inside blk.N
+GGUF_LLAMA_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                    "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                    "mlp.down_proj": "ffn_down"}
+GGUF_LLAMA_TOP = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+
+
+def gguf_arch(config: GPTConfig) -> str:
+    "'gpt2' or 'llama': the llama.cpp architecture that computes what GPT(config) computes, else a CourseError."
+    family = hf_family(config)  # refuses what no stock architecture represents, naming the field
+    if family == "mistral":
+        raise CourseError(f"window={config.window} has no equivalent in llama.cpp's llama architecture, which attends "
+                          f"to the whole context; use window=None to export as GGUF.")
+    if family == "llama" and config.bias:
+        raise CourseError("bias=True is not written to GGUF's llama architecture here; use bias=False.")
+    return family
+
+
+def gguf_name(llama_name: str) -> str:
+    "model.layers.3.self_attn.q_proj.weight -> blk.3.attn_q.weight, model.norm.weight -> output_norm.weight."
+    layer, _, rest = llama_name.removeprefix("model.layers.").partition(".")
+    if llama_name.startswith("model.layers."):
+        inside, kind = rest.rsplit(".", 1)
+        return f"blk.{layer}.{GGUF_LLAMA_NAMES[inside]}.{kind}"
+    inside, kind = llama_name.rsplit(".", 1)
+    return f"{GGUF_LLAMA_TOP[inside]}.{kind}"
+
+# %% ../nbs/14c_gguf.ipynb #e974eee3
+def gguf_llama_tensors(model: GPT) -> dict[str, torch.Tensor]:
+    "Our Llama-shaped model's tensors under llama.cpp's `llama` names, q and k rows in adjacent RoPE pairs."
+    config = unwrap_model(model).config
+    tensors = {}
+    for name, tensor in llama_state_dict(model).items():
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = config.n_head if "q_proj" in name else config.num_kv_heads
+            tensor = interleave_rope_rows(tensor, heads)
+        tensors[gguf_name(name)] = tensor
+    return tensors
+
+
+def gguf_tensors(model: GPT) -> dict[str, torch.Tensor]:
+    "The model's tensors under the names of its llama.cpp architecture (gguf_arch)."
+    arch = gguf_arch(unwrap_model(model).config)
+    return gguf_gpt2_tensors(model) if arch == "gpt2" else gguf_llama_tensors(model)
+
+
+def llama_tensors_from_gguf(tensors: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    "A `llama` file's tensors as our state dict: RoPE rows halved again, q/k/v and gate/up stacked into c_attn, c_fc."
+    ours = {"wte.weight": tensors["token_embd.weight"], "ln_f.weight": tensors["output_norm.weight"],
+            "lm_head.weight": tensors.get("output.weight", tensors["token_embd.weight"])}  # tied: no `output`
+    for i in range(config.n_layer):
+        get = lambda part: tensors[f"blk.{i}.{part}.weight"]  # noqa: E731
+        q, k = halve_rope_rows(get("attn_q"), config.n_head), halve_rope_rows(get("attn_k"), config.num_kv_heads)
+        ours |= {f"blocks.{i}.ln_1.weight": get("attn_norm"), f"blocks.{i}.ln_2.weight": get("ffn_norm"),
+                 f"blocks.{i}.attn.c_attn.weight": torch.cat([q, k, get("attn_v")]),
+                 f"blocks.{i}.attn.c_proj.weight": get("attn_output"),
+                 f"blocks.{i}.mlp.c_fc.weight": torch.cat([get("ffn_gate"), get("ffn_up")]),
+                 f"blocks.{i}.mlp.c_proj.weight": get("ffn_down")}
+    return ours
+
 # %% ../nbs/14c_gguf.ipynb #ad532113
 SPLIT_PATTERN_KEY = "openllm_edu.split_pattern"  # our exact pre-split regex ("" for none)
 
 
 def add_gguf_metadata(writer, config: GPTConfig) -> None:
+    "The sizes under the architecture's keys (`gpt2.block_count`, `llama.rope.freq_base`, ...)."
     writer.add_context_length(config.block_size)
     writer.add_embedding_length(config.n_embd)
     writer.add_feed_forward_length(config.mlp_hidden_size)
     writer.add_block_count(config.n_layer)
     writer.add_head_count(config.n_head)
-    writer.add_layer_norm_eps(config.norm_eps)
     writer.add_vocab_size(config.vocab_size)
+    if config.norm == "layernorm":
+        writer.add_layer_norm_eps(config.norm_eps)
+        return
+    writer.add_head_count_kv(config.num_kv_heads)
+    writer.add_layer_norm_rms_eps(config.norm_eps)
+    writer.add_rope_freq_base(config.rope_base)
+    writer.add_rope_dimension_count(config.head_dim)
 
 
 def add_gguf_tokenizer(writer, tokenizer: Tokenizer) -> None:
@@ -101,7 +187,7 @@ GGUF_FILE = "model.gguf"
 def write_gguf(path: Path, model: GPT, tokenizer: Tokenizer | None, dtype: str) -> None:
     from gguf import GGUFWriter
 
-    writer = GGUFWriter(str(path), GGUF_ARCH)
+    writer = GGUFWriter(str(path), gguf_arch(model.config))
     writer.add_name("openllm_edu GPT")
     add_gguf_metadata(writer, model.config)
     if tokenizer is not None:
@@ -130,7 +216,7 @@ def export_gguf(source: GPT | str | Path, out_dir: str | Path, tokenizer: Tokeni
     if out_dir.exists():
         raise CourseError(f"{out_dir} already exists; export to a new folder (or delete this one), so nothing is "
                           f"overwritten.")
-    gguf_tensors(model)  # refuse a config or layer GGUF's gpt2 can't hold before creating anything
+    gguf_tensors(model)  # refuse a config or layer GGUF can't hold before creating anything
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
     try:
@@ -146,15 +232,26 @@ def gguf_fields(reader) -> dict:
     return {name: field.contents() for name, field in reader.fields.items()}
 
 
+def stored_float(value: float) -> float:
+    "A float32 the file stored, as the shortest decimal that rounds to it: 1e-05, not 9.99999974e-06."
+    return float(str(np.float32(value)))
+
+
 def config_from_gguf(fields: dict) -> GPTConfig:
     arch = fields["general.architecture"]
-    if arch != GGUF_ARCH:
-        raise CourseError(f"general.architecture={arch!r}; only {GGUF_ARCH!r} files read back into our GPT here.")
+    if arch not in GGUF_ARCHES:
+        raise CourseError(f"general.architecture={arch!r}; only {' and '.join(GGUF_ARCHES)} files read back into "
+                          f"our GPT here.")
     key = lambda name: fields[f"{arch}.{name}"]  # noqa: E731
     vocab_size = fields.get(f"{arch}.vocab_size") or len(fields["tokenizer.ggml.tokens"])
-    return GPTConfig(vocab_size=vocab_size, block_size=key("context_length"), n_layer=key("block_count"),
-                     n_head=key("attention.head_count"), n_embd=key("embedding_length"),
-                     mlp_hidden=key("feed_forward_length"), norm_eps=key("attention.layer_norm_epsilon"))
+    sizes = dict(vocab_size=vocab_size, block_size=key("context_length"), n_layer=key("block_count"),
+                 n_head=key("attention.head_count"), n_embd=key("embedding_length"),
+                 mlp_hidden=key("feed_forward_length"))
+    if arch == "gpt2":
+        return GPTConfig(**sizes, norm_eps=stored_float(key("attention.layer_norm_epsilon")))
+    return GPTConfig(**sizes, n_kv_head=key("attention.head_count_kv"),
+                     norm_eps=stored_float(key("attention.layer_norm_rms_epsilon")),
+                     rope_base=stored_float(key("rope.freq_base")), bias=False, norm="rmsnorm", mlp="swiglu", pos="rope")
 
 
 def gguf_state(reader) -> dict[str, torch.Tensor]:
@@ -216,8 +313,12 @@ def read_gguf(path: str | Path) -> tuple[GPT, BPETokenizer | None]:
         config = config_from_gguf(fields)
     except KeyError as e:
         raise CourseError(f"{path} has no {e} key, which a gpt2 GGUF file needs; export it again.") from e
-    config.bias = any(t.abs().max() > 0 for n, t in tensors.items() if n.endswith(".bias"))
     config.tie_embeddings = "output.weight" not in tensors
+    if config.pos == "rope":
+        model = GPT(config).eval()
+        model.load_state_dict(llama_tensors_from_gguf(tensors, config))
+        return model, tokenizer_from_gguf(fields)
+    config.bias = any(t.abs().max() > 0 for n, t in tensors.items() if n.endswith(".bias"))
     model = GPT(config).eval()
     load_gguf_weights(model, tensors)
     return model, tokenizer_from_gguf(fields)

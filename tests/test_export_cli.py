@@ -83,7 +83,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(checkpoint, tmp_path, c
         (["--checkpoint", str(checkpoint), "--format", "hf", "--dtype", "q8_0"], "is for --format gguf"),
         (["--checkpoint", str(checkpoint), "--format", "gguf", "--dtype", "q4"], "dtype='q4'"),
         (["--checkpoint", str(rope), "--format", "hf"], "norm="),
-        (["--checkpoint", str(rope), "--format", "gguf"], "pos="),
+        (["--checkpoint", str(rope), "--format", "gguf"], "norm="),
     ]
     for argv, message in cases:
         if "--out" not in argv:

@@ -1,8 +1,10 @@
-"""openllm_edu.gguf_export (chapter 14c): GPT-2-shaped models and byte-level BPE as GGUF files.
+"""openllm_edu.gguf_export (chapter 14c): GPT-2- and Llama-shaped models and byte-level BPE as GGUF files.
 
 The `gguf` package (llama.cpp's reader and writer) is the oracle: its reader must find the architecture, sizes and
 tensors we meant, its Q8_0 dequantisation must equal group-wise int8 computed here by hand, and our model rebuilt from
 the file must give the original logits (float32) bit for bit. llama.cpp itself is not run."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -110,13 +112,60 @@ def test_the_course_model_and_its_tokenizer_round_trip(tmp_path):
         assert torch.equal(back(batch)[0], model(batch)[0])
 
 
-@pytest.mark.parametrize("make, fix", [
-    (lambda: GPT(GPTConfig(vocab_size=300, block_size=32, n_layer=1, n_head=2, n_embd=32, pos="rope")), "pos="),
-    (lambda: GPT(GPTConfig(vocab_size=300, block_size=32, n_layer=1, n_head=2, n_embd=32, norm="rmsnorm")), "norm="),
-], ids=["rope", "rmsnorm"])
-def test_configs_gguf_gpt2_cannot_hold_are_refused_and_leave_nothing(tmp_path, make, fix):
+def llama_gpt(**overrides) -> GPT:
+    "A tiny Llama-shaped model (RoPE, RMSNorm, SwiGLU, grouped-query attention) with every tensor random."
+    torch.manual_seed(0)
+    values = dict(vocab_size=300, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, bias=False,
+                  norm="rmsnorm", mlp="swiglu", pos="rope", rope_base=500.0) | overrides
+    model = GPT(GPTConfig(**values)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(tie_embeddings=False, n_kv_head=1, mlp_hidden=96)],
+                         ids=["tied-gqa", "untied-mqa"])
+def test_llama_shaped_models_round_trip_exactly(tmp_path, overrides):
+    model = llama_gpt(**overrides)
+    path = export_gguf(model, tmp_path / "llama")
+    fields, tensors = fields_of(path), tensors_of(path)
+    config = model.config
+    assert fields["general.architecture"] == "llama"
+    assert (fields["llama.attention.head_count_kv"], fields["llama.rope.dimension_count"],
+            fields["llama.feed_forward_length"]) == (config.num_kv_heads, config.head_dim, config.mlp_hidden_size)
+    assert fields["llama.rope.freq_base"] == pytest.approx(config.rope_base)
+    assert fields["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(config.norm_eps)
+    d, kv_rows = config.head_dim, config.num_kv_heads * config.head_dim
+    c_attn = model.blocks[0].attn.c_attn.weight.detach()
+    v = c_attn[config.n_embd + kv_rows:]
+    assert np.array_equal(tensors["blk.0.attn_v.weight"].data, v.numpy())  # values are not reordered
+    k_rows = torch.from_numpy(np.array(tensors["blk.0.attn_k.weight"].data))
+    our_k = c_attn[config.n_embd:config.n_embd + kv_rows]
+    for head in range(config.num_kv_heads):  # adjacent pairs: file rows 2i, 2i+1 = our rows i, i + d/2 of the head
+        for i in range(d // 2):
+            assert torch.equal(k_rows[head * d + 2 * i], our_k[head * d + i])
+            assert torch.equal(k_rows[head * d + 2 * i + 1], our_k[head * d + i + d // 2])
+    gate, up = model.blocks[1].mlp.c_fc.weight.detach().chunk(2)
+    assert np.array_equal(tensors["blk.1.ffn_gate.weight"].data, gate.numpy())
+    assert np.array_equal(tensors["blk.1.ffn_up.weight"].data, up.numpy())
+    back, _ = read_gguf(path)
+    assert back.config == dataclasses.replace(config, mlp_hidden=config.mlp_hidden_size)  # the file has the width
+    batch = batch_for(model)
+    with torch.no_grad():
+        assert torch.equal(back(batch)[0], model(batch)[0])
+
+
+@pytest.mark.parametrize("overrides, fix", [
+    (dict(pos="rope"), "norm="),
+    (dict(norm="rmsnorm"), "norm="),
+    (dict(pos="rope", norm="rmsnorm", mlp="swiglu", window=8, bias=False), "window=8"),
+    (dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=True), "bias=True"),
+], ids=["rope-layernorm", "rmsnorm-learned", "window", "llama-bias"])
+def test_configs_gguf_cannot_hold_are_refused_and_leave_nothing(tmp_path, overrides, fix):
+    model = GPT(GPTConfig(vocab_size=300, block_size=32, n_layer=1, n_head=2, n_embd=32, **overrides))
     with pytest.raises(CourseError, match=fix):
-        export_gguf(make(), tmp_path / "out")
+        export_gguf(model, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 
 
