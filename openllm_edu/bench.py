@@ -814,11 +814,13 @@ def export_timers(model: torch.nn.Module, folder: Path, prompt: torch.Tensor, ne
                   batch: torch.Tensor) -> tuple[list[Callable], list[Callable]]:
     """(generate, forward) callables: ours, transformers' and ONNX Runtime's generation of `new_tokens` greedy
     tokens after `prompt`; PyTorch eager's and ONNX Runtime's forward of `batch`. Exports into `folder`."""
+    import transformers
     from transformers import AutoModelForCausalLM
 
     from openllm_edu.export import export_hf
     from openllm_edu.generate import GenerationConfig, generate
     from openllm_edu.onnx_export import CACHE_MODEL_FILE, export_onnx, onnx_generate, onnx_logits, onnx_session
+    transformers.logging.disable_progress_bar()  # the table is the output
     hf = AutoModelForCausalLM.from_pretrained(export_hf(model, folder / "hf")).eval()
     onnx_folder = export_onnx(model, folder / "onnx")
     cache_session, logits_session = onnx_session(onnx_folder, CACHE_MODEL_FILE), onnx_session(onnx_folder)

@@ -696,8 +696,6 @@ def cmd_bench_quantize(args) -> int:
     return 0
 
 def cmd_bench_export(args) -> int:
-    import torch
-
     from openllm_edu.bench import bench_export, format_export_bench
     from openllm_edu.model import course_model, load_pretrained
 
@@ -708,7 +706,7 @@ def cmd_bench_export(args) -> int:
         (model, _), folder = course_model(args.profile), f"the {args.profile or 'active'} profile's course model"
     new_tokens = min(64, model.config.block_size - 8) if args.new_tokens is None else args.new_tokens
     rows = bench_export(model, new_tokens, args.batch, args.tokens, args.repeats)
-    print(f"{folder}; float32 on the CPU, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{folder}; float32 on the CPU")
     print(format_export_bench(rows))
     return 0
 

@@ -94,7 +94,11 @@ def onnx_session(source: str | Path, graph: str = MODEL_FILE):
     path = path / graph if path.is_dir() else path
     if not path.is_file():
         raise CourseError(f"no ONNX graph at {path}; export one first with export_onnx(model, folder).")
-    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = onnxruntime.SessionOptions()
+    # ONNX Runtime's threads spin for a while after each run, waiting for the next; beside PyTorch (or a benchmark
+    # timing PyTorch next) that spinning takes the cores the others need, so they sleep instead.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def as_session(source, graph: str = MODEL_FILE):
