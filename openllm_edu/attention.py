@@ -103,8 +103,11 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 # %% ../nbs/04_attention.ipynb #81e9e300
 def fused_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None,
-                           dropout_p: float = 0.0) -> torch.Tensor:
-    "Causal attention with F.scaled_dot_product_attention; q (B, H, T_q, d), k and v (B, H, T_k, d)."
+                           dropout_p: float = 0.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention with F.scaled_dot_product_attention; q (B, H, T_q, d), k and v (B, H, T_k, d).
+    A `mask` (bool, True = may attend, broadcastable to (B, H, T_q, T_k)) replaces the causal one."""
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     t_q, t_k = q.shape[-2], k.shape[-2]
     if window is None and t_q == t_k:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
@@ -258,8 +261,11 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, x: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        "Rotate x (..., T, head_dim) whose tokens sit at positions start_pos .. start_pos + T - 1."
+    def forward(self, x: torch.Tensor, start_pos: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Rotate x (..., T, head_dim) whose tokens sit at positions start_pos .. start_pos + T - 1, or, for
+        x (B, H, T, head_dim), at each row's own `positions` (B, T) (all below max_positions)."""
+        if positions is not None:
+            return rotate(x, self.cos[positions][:, None], self.sin[positions][:, None])  # (B, 1, T, d/2)
         end = start_pos + x.shape[-2]
         if end <= self.max_positions:
             cos, sin = self.cos[start_pos:end], self.sin[start_pos:end]
@@ -305,17 +311,20 @@ class CausalSelfAttention(nn.Module):
                 start_pos: int | None = None) -> torch.Tensor:
         """x (B, T, n_embd) -> (B, T, n_embd). With `kv_cache`, x holds the new tokens only; they sit at
         positions kv_cache.length, ... (start_pos, if given, must agree)."""
-        start_pos = self._start_pos(kv_cache, start_pos)
+        per_row = kv_cache is not None and kv_cache.per_row_lengths  # the cache knows positions and mask
+        start_pos = 0 if per_row else self._start_pos(kv_cache, start_pos)
         q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         q, k, v = self.c_attn(x).split([q_size, kv_size, kv_size], dim=-1)
         q, k, v = split_heads(q, self.n_head), split_heads(k, self.n_kv_head), split_heads(v, self.n_kv_head)
         if self.rotary is not None:
-            q, k = self.rotary(q, start_pos), self.rotary(k, start_pos)
+            positions = kv_cache.positions(x.shape[1]) if per_row else None
+            q, k = self.rotary(q, start_pos, positions), self.rotary(k, start_pos, positions)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
+        mask = kv_cache.attention_mask(x.shape[1], self.window) if per_row else None
         n_rep = self.n_head // self.n_kv_head
         y = fused_causal_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), self.window,
-                                   self.dropout if self.training else 0.0)
+                                   self.dropout if self.training else 0.0, mask)
         return self.resid_dropout(self.c_proj(merge_heads(y)))
 
     @staticmethod
@@ -333,6 +342,8 @@ class KVCache:
     """Keys and values of every layer, preallocated as (n_layer, batch, n_kv_head, max_len, head_dim).
     Each layer calls `update(layer, k, v)` with the new tokens' keys/values; after the whole forward pass
     the model calls `advance(n)` once, so that every layer writes its n new tokens at the same `length`."""
+    per_row_lengths = False  # True: rows at different lengths; the cache provides positions(t), attention_mask(t, window)
+
     def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device=None):
         shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)

@@ -257,10 +257,13 @@ class GPT(nn.Module):
         """idx (B, T) token ids -> (logits (B, T, vocab), loss or None). With `kv_cache`, idx holds only the new
         tokens, placed after the cached ones (start_pos, if given, must equal kv_cache.length); the cache is
         advanced by T at the end."""
-        start_pos = first_position(self.config, idx.shape[1], kv_cache, start_pos)
+        per_row = kv_cache is not None and kv_cache.per_row_lengths  # rows at their own positions (chapter 15)
+        start_pos = 0 if per_row else first_position(self.config, idx.shape[1], kv_cache, start_pos)
         x = self.wte(idx)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(start_pos, start_pos + idx.shape[1], device=idx.device))
+            positions = (kv_cache.positions(idx.shape[1]) if per_row
+                         else torch.arange(start_pos, start_pos + idx.shape[1], device=idx.device))
+            x = x + self.wpe(positions)
         x = self.drop(x)
         recompute = self.training and torch.is_grad_enabled() and kv_cache is None
         for layer, block in enumerate(self.blocks):
