@@ -311,7 +311,7 @@ class CausalSelfAttention(nn.Module):
                 start_pos: int | None = None) -> torch.Tensor:
         """x (B, T, n_embd) -> (B, T, n_embd). With `kv_cache`, x holds the new tokens only; they sit at
         positions kv_cache.length, ... (start_pos, if given, must agree)."""
-        per_row = kv_cache is not None and kv_cache.per_row_lengths  # the cache knows positions and mask
+        per_row = getattr(kv_cache, "per_row_lengths", False)  # the cache knows positions and mask (chapter 15)
         start_pos = 0 if per_row else self._start_pos(kv_cache, start_pos)
         q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         q, k, v = self.c_attn(x).split([q_size, kv_size, kv_size], dim=-1)

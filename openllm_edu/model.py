@@ -257,7 +257,7 @@ class GPT(nn.Module):
         """idx (B, T) token ids -> (logits (B, T, vocab), loss or None). With `kv_cache`, idx holds only the new
         tokens, placed after the cached ones (start_pos, if given, must equal kv_cache.length); the cache is
         advanced by T at the end."""
-        per_row = kv_cache is not None and kv_cache.per_row_lengths  # rows at their own positions (chapter 15)
+        per_row = getattr(kv_cache, "per_row_lengths", False)  # rows at their own positions (chapter 15)
         start_pos = 0 if per_row else first_position(self.config, idx.shape[1], kv_cache, start_pos)
         x = self.wte(idx)
         if self.wpe is not None:
