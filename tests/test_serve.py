@@ -8,7 +8,6 @@ import queue
 import shutil
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
