@@ -86,6 +86,8 @@ class APIError(Exception):
 def validation_error(error: RequestValidationError) -> APIError:
     "The first problem pydantic found, as a 400 that names the field."
     first = error.errors()[0]
+    if first["type"] == "json_invalid":
+        return APIError(400, f"the body is not valid JSON: {first['msg']}")
     fields = [str(part) for part in first["loc"] if part != "body"]
     param = fields[0] if fields else None
     return APIError(400, f"{'.'.join(fields) or 'body'}: {first['msg']}", param=param)
@@ -352,12 +354,12 @@ def create_app(engine, tokenizer, model_name: str, limits: ServerLimits | None =
         return await answer(request, body, engine, tokenizer, model_name, limits)
 
     @app.get("/v1/models", dependencies=guarded)
-    def models():
+    async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
                                             "owned_by": "openllm_edu"}]}
 
     @app.get("/health")
-    def health():
+    async def health():  # on the event loop itself: it never waits for a worker thread
         return {"status": "ok", "running": engine.running, "waiting": engine.waiting, "max_batch": engine.max_batch}
 
     @app.get("/", response_class=HTMLResponse)

@@ -20,8 +20,16 @@ openai = pytest.importorskip("openai", reason="the official openai client is the
 from openllm_edu.chat import ChatTokenizer, render_prompt, resize_embeddings  # noqa: E402
 from openllm_edu.core import CourseError  # noqa: E402
 from openllm_edu.generate import CachedLogits, GenerationConfig, generate_text, sample_tokens  # noqa: E402
-from openllm_edu.model import course_model  # noqa: E402
-from openllm_edu.serve import EngineRequest, ServerLimits, ServerThread, create_app  # noqa: E402
+from openllm_edu.model import course_model, save_pretrained  # noqa: E402
+from openllm_edu.quantize import quantize_model, save_quantized  # noqa: E402
+from openllm_edu.serve import (  # noqa: E402
+    EngineRequest,
+    ServerLimits,
+    ServerThread,
+    create_app,
+    load_served_model,
+    serve,
+)
 
 PROMPT = "ROMEO:\nBut soft, what light"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -296,6 +304,13 @@ def test_impossible_fields_are_400s_naming_the_field(serving, plain, field, valu
     assert set(error) == {"message", "type", "param", "code"}
 
 
+def test_a_body_that_is_not_json_is_400(serving, plain):
+    url, _ = serving(*plain)
+    response = httpx.post(url + "/v1/completions", content=b"{not json", timeout=30,
+                          headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
+
+
 def test_unknown_model_is_404(serving, plain):
     url, _ = serving(*plain)
     with pytest.raises(openai.NotFoundError):
@@ -406,3 +421,26 @@ def test_the_chat_page_streams_a_reply_in_chromium(serving, plain, tmp_path):
         finally:
             browser.close()
     assert (tmp_path / "chat.png").stat().st_size > 1000
+
+
+# --- loading what serve() serves -------------------------------------------------------------------------------------
+
+def test_saved_models_load_with_their_chat_tokens_and_quantised(chat, plain, tmp_path):
+    model, tokenizer = chat
+    save_pretrained(model, tmp_path / "run" / "model", tokenizer)
+    loaded, loaded_tokenizer, name = load_served_model(tmp_path / "run")  # a run folder: its model/
+    assert isinstance(loaded_tokenizer, ChatTokenizer) and name == "model"
+    assert loaded_tokenizer.encode_with_specials("<|user|>Hi") == tokenizer.encode_with_specials("<|user|>Hi")
+    ids = torch.tensor([render_prompt(tokenizer, [{"role": "user", "content": "Hi"}])])
+    assert torch.equal(loaded(ids)[0], model(ids)[0])
+    quantized, plain_tokenizer = quantize_model(course_model("ci")[0], "int8"), plain[1]
+    save_quantized(quantized, tmp_path / "int8", plain_tokenizer)
+    loaded, loaded_tokenizer, name = load_served_model(tmp_path / "int8")
+    assert name == "int8" and not isinstance(loaded_tokenizer, ChatTokenizer)
+    plain_ids = torch.tensor([plain_tokenizer.encode(PROMPT)])
+    assert torch.equal(loaded(plain_ids)[0], quantized(plain_ids)[0])
+
+
+def test_serve_refuses_to_listen_beyond_loopback_without_a_key(plain):
+    with pytest.raises(CourseError, match="api_key"):
+        serve(plain, SerialEngine, host="0.0.0.0")
