@@ -243,7 +243,7 @@ def test_stop_strings_end_the_text_and_cancel_the_engine(serving, plain):
         else:
             text, finish = answer.choices[0].text, answer.choices[0].finish_reason
         assert text == whole[:whole.find(stop)] and finish == "stop"
-        assert engine.streams[-1].cancelled or engine.streams[-1].finish_reason is not None
+        assert engine.streams[-1].cancelled  # the engine was told to free the slot
 
 
 def test_chat_with_the_openai_client(serving, chat):
