@@ -22,6 +22,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from .batching import Engine, QueueFull
+from .batching import Request as EngineRequest  # fastapi's Request is the HTTP one
 from .chat import CHAT_FILE, ChatTokenizer, load_chat_tokenizer, render_prompt
 from .core import CourseError
 from .generate import GenerationConfig, stream_pieces
@@ -31,9 +33,9 @@ from .quantize import QUANTIZATION_FILE, load_quantized
 # %% auto #0
 __all__ = ['CHAT_PAGE', 'StreamOptions', 'CompletionRequest', 'ChatMessage', 'ChatRequest', 'APIError', 'validation_error',
            'ServerLimits', 'stop_strings', 'generation_configs', 'EngineFailed', 'TokenSource', 'text_decoder',
-           'choice_pieces', 'EngineRequest', 'is_queue_full', 'submit_all', 'Generation', 'chunk', 'stream_chunks',
-           'full_response', 'sse', 'sse_stream', 'prompt_ids_of', 'check_api_key', 'answer', 'create_app', 'chat_page',
-           'is_loopback', 'check_exposure', 'ServerThread', 'load_served_model', 'serve']
+           'choice_pieces', 'submit_all', 'Generation', 'chunk', 'stream_chunks', 'full_response', 'sse', 'sse_stream',
+           'prompt_ids_of', 'check_api_key', 'answer', 'create_app', 'chat_page', 'is_loopback', 'check_exposure',
+           'ServerThread', 'load_served_model', 'serve']
 
 # %% ../nbs/15b_serve.ipynb #ae335ee0
 class StreamOptions(BaseModel):
@@ -168,27 +170,16 @@ def choice_pieces(stream, tokenizer, prompt_ids: Sequence[int], stop: Sequence[s
         yield "", source.finish_reason
 
 # %% ../nbs/15b_serve.ipynb #a1134551
-@dataclass
-class EngineRequest:
-    "What the engine's submit() takes: token ids and a chapter 06 GenerationConfig (stop strings stay here)."
-    prompt_ids: list[int]
-    config: GenerationConfig
-
-
-def is_queue_full(error: Exception) -> bool:
-    return any(cls.__name__ == "QueueFull" for cls in type(error).__mro__)
-
-
 def submit_all(engine, prompt_ids: list[int], configs: list[GenerationConfig]) -> list:
     "One engine stream per config; if one can't be submitted the others are cancelled, and the error is an APIError."
     streams = []
     try:
         for config in configs:
-            streams.append(engine.submit(EngineRequest(prompt_ids, config)))
+            streams.append(engine.submit(EngineRequest(prompt_ids, config)))  # stop strings stay here
     except Exception as e:
         for stream in streams:
             stream.cancel()
-        if is_queue_full(e):
+        if isinstance(e, QueueFull):
             raise APIError(429, f"the server is busy ({e}); try again in a moment.", type="rate_limit_error") from None
         if isinstance(e, CourseError):
             raise APIError(400, str(e)) from None
@@ -487,7 +478,7 @@ def load_served_model(folder: str | Path, device: str = "cpu"):
     return model, tokenizer, folder.resolve().name
 
 
-def serve(checkpoint_or_model, engine_class, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
+def serve(checkpoint_or_model, engine_class=Engine, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
           api_key: str | None = None, model_name: str | None = None, limits: ServerLimits | None = None,
           device: str = "cpu") -> None:
     """Serve a saved model's folder, or a (model, tokenizer) pair, until interrupted. `engine_class` is built as

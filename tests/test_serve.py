@@ -3,6 +3,7 @@
 The official `openai` client is the reference for the request and response shapes; chapter 06's `generate_text` is
 the reference for the text; raw HTTP reads check the Server-Sent Events framing byte for byte; a real Chromium
 (driven by Playwright, never a downloaded browser) checks the chat page. Every wait is bounded in time."""
+import copy
 import json
 import queue
 import shutil
@@ -17,6 +18,7 @@ import torch
 pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) runs the server")
 openai = pytest.importorskip("openai", reason="the official openai client is the reference for the server's shapes")
 
+from openllm_edu.batching import Engine, QueueFull  # noqa: E402
 from openllm_edu.chat import ChatTokenizer, render_prompt, resize_embeddings  # noqa: E402
 from openllm_edu.core import CourseError  # noqa: E402
 from openllm_edu.generate import CachedLogits, GenerationConfig, generate_text, sample_tokens  # noqa: E402
@@ -38,10 +40,6 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 
 # --- a stand-in engine with the interface of chapter 15's Engine ------------------------------------------------------
-
-class QueueFull(CourseError):
-    "Named as the engine's: the server recognises it by its name."
-
 
 class SerialStream:
     def __init__(self, prompt_tokens):
@@ -444,3 +442,56 @@ def test_saved_models_load_with_their_chat_tokens_and_quantised(chat, plain, tmp
 def test_serve_refuses_to_listen_beyond_loopback_without_a_key(plain):
     with pytest.raises(CourseError, match="api_key"):
         serve(plain, SerialEngine, host="0.0.0.0")
+
+
+# --- the real engine of chapter 15 behind the server ---------------------------------------------------------------
+
+@pytest.fixture
+def engine_server(plain):
+    "The server in front of chapter 15's batching Engine (4 slots) on the ci course model."
+    model, tokenizer = plain
+    engine = Engine(model, tokenizer.eos_id, vocab_limit=tokenizer.vocab_size, max_batch=4).start()
+    server = ServerThread(create_app(engine, tokenizer, "course"))
+    url = server.__enter__()
+    yield url, engine
+    engine.stop()
+    server.stop()
+
+
+def test_concurrent_requests_through_the_batching_engine_get_chapter_06s_text(engine_server, plain):
+    model, tokenizer = plain
+    url, engine = engine_server
+    prompts = [PROMPT, "KING:", "Where is the", PROMPT + " yonder", "O", "HAMLET:\nTo be"]  # 6 requests, 4 slots
+    answers = [None] * len(prompts)
+
+    def ask(k):
+        streamed = client(url).completions.create(model="course", prompt=prompts[k], max_tokens=16, temperature=0,
+                                                  stream=True)
+        answers[k] = "".join(c.choices[0].text for c in streamed)
+    askers = [threading.Thread(target=ask, args=(k,), daemon=True) for k in range(len(prompts))]
+    for asker in askers:
+        asker.start()
+    for asker in askers:
+        asker.join(timeout=60)
+    config = GenerationConfig(max_new_tokens=16, temperature=0)
+    assert answers == [generate_text(model, tokenizer, p, config) for p in prompts]
+    seeded = dict(model="course", prompt=PROMPT, max_tokens=16, temperature=0.9, seed=4)
+    assert (client(url).completions.create(**seeded).choices[0].text
+            == "".join(c.choices[0].text for c in client(url).completions.create(**seeded, stream=True)))
+
+
+def test_a_client_that_leaves_frees_its_batch_slot(plain, monkeypatch):
+    model, tokenizer = plain
+    slow = copy.deepcopy(model)
+    forward = slow.forward
+    monkeypatch.setattr(slow, "forward", lambda *a, **k: (time.sleep(0.1), forward(*a, **k))[1])  # 40 tokens: 4 s
+    engine = Engine(slow, tokenizer.eos_id, vocab_limit=tokenizer.vocab_size, max_batch=2).start()
+    try:
+        with ServerThread(create_app(engine, tokenizer, "course")) as url:
+            body = {"prompt": PROMPT, "max_tokens": 40, "temperature": 0, "stream": True}
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as response:
+                next(response.iter_lines())  # the first event arrived: the request holds a slot
+            assert engine.running == 1
+            wait_until(lambda: engine.running == 0, seconds=1.5)  # long before its 40 tokens were done
+    finally:
+        engine.stop()
