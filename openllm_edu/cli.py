@@ -17,14 +17,15 @@ from .core import CourseError, environment_report, get_profile, load_settings
 from .train_commands import add_train_commands, cmd_run, cmd_train, launch_failure
 
 # %% auto #0
-__all__ = ['EVAL_REPORT_KEYS', 'FULL_FINETUNE_LR', 'LORA_LR', 'QUANTIZE_METHODS', 'EXPORT_FORMATS', 'CLI_WORKER', 'HANDLERS',
-           'build_parser', 'cmd_doctor', 'cmd_tokenizer_train', 'cmd_data_prepare', 'cmd_bench_tokenizer',
+__all__ = ['EVAL_REPORT_KEYS', 'FULL_FINETUNE_LR', 'LORA_LR', 'API_KEY_ENV', 'QUANTIZE_METHODS', 'EXPORT_FORMATS', 'CLI_WORKER',
+           'HANDLERS', 'build_parser', 'cmd_doctor', 'cmd_tokenizer_train', 'cmd_data_prepare', 'cmd_bench_tokenizer',
            'cmd_bench_model', 'cmd_bench_train', 'cmd_bench_distributed', 'cmd_bench_eval', 'cmd_bench_finetune',
            'saved_model_folder', 'load_saved_model', 'cmd_generate', 'cmd_compare', 'cmd_instructor_release',
            'cmd_grade', 'task_entry', 'eval_report', 'format_eval_report', 'cmd_eval', 'lora_parts', 'cmd_finetune',
-           'load_chat_checkpoint', 'cmd_chat', 'check_quantize_out', 'save_quantized_folder', 'cmd_quantize',
-           'cmd_bench_quantize', 'cmd_bench_export', 'exported_logits', 'check_export', 'refuse_quantized_export',
-           'cmd_export', 'cli_program', 'cmd_launch', 'main']
+           'load_chat_checkpoint', 'cmd_chat', 'server_events', 'chat_with_server', 'check_port_free', 'cmd_serve',
+           'check_quantize_out', 'save_quantized_folder', 'cmd_quantize', 'cmd_bench_quantize', 'cmd_bench_export',
+           'exported_logits', 'check_export', 'refuse_quantized_export', 'cmd_export', 'cli_program', 'cmd_launch',
+           'main']
 
 # %% ../nbs/98_cli.ipynb #2a6ba9f3
 def _add_corpus(parser: argparse.ArgumentParser, flag: str, help_verb: str) -> None:
@@ -156,10 +157,22 @@ def _add_chat_commands(commands) -> None:
     finetune.add_argument("--lora", type=int, default=None, metavar="R",
                           help="train rank-R LoRA adapters (and the embedding) instead of every weight (chapter 12)")
     chat = commands.add_parser("chat", help="talk with a fine-tuned model: one message per line on stdin")
-    chat.add_argument("--checkpoint", required=True, help="folder written by finetune")
+    where = chat.add_mutually_exclusive_group(required=True)
+    where.add_argument("--checkpoint", help="folder written by finetune")
+    where.add_argument("--url", help="a running `openllm-edu serve`, e.g. http://127.0.0.1:8000 (chapter 15)")
+    chat.add_argument("--api-key", default=None, help="the server's key, with --url (default: $OPENLLM_EDU_API_KEY)")
     chat.add_argument("--max-new-tokens", type=int, default=64)
     chat.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
     chat.add_argument("--seed", type=int, default=None, help="same seed, same replies")
+    serve = commands.add_parser("serve", help="an OpenAI-compatible server and chat page for a saved model (chapter 15)")
+    serve.add_argument("--checkpoint", required=True,
+                       help="folder written by save_pretrained or finetune, a run folder, or a quantised model")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
+                                                           "only; any other needs --api-key)")
+    serve.add_argument("--port", type=int, default=8000, help="(default: 8000)")
+    serve.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default: 8)")
+    serve.add_argument("--api-key", default=None,
+                       help="clients must send `Authorization: Bearer KEY` (default: $OPENLLM_EDU_API_KEY, or none)")
 
 
 # %% ../nbs/98_cli.ipynb #351de27e
@@ -591,6 +604,8 @@ def cmd_chat(args) -> int:
     from openllm_edu.generate import GenerationConfig
 
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    if args.url:
+        return chat_with_server(args.url, config, args.api_key or os.environ.get(API_KEY_ENV))
     model, tokenizer = load_chat_checkpoint(args.checkpoint)
     block = model.config.block_size
     if args.max_new_tokens >= block - 2:
@@ -622,6 +637,91 @@ def cmd_chat(args) -> int:
         messages.append({"role": "assistant", "content": "".join(pieces)})
     return 0
 
+
+# %% ../nbs/98_cli.ipynb #f5df0a2a
+API_KEY_ENV = "OPENLLM_EDU_API_KEY"
+
+
+def server_events(url: str, body: dict, api_key: str | None, timeout: float = 300.0):
+    "The JSON of each `data:` event the server streams for `body`, until `[DONE]`; an error becomes a CourseError."
+    import json
+    import urllib.error
+    import urllib.request
+
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+    request = urllib.request.Request(url.rstrip("/") + "/v1/chat/completions", json.dumps(body).encode(), headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            for line in response:
+                data = line.decode("utf-8").strip().removeprefix("data: ")
+                if data == "[DONE]":
+                    return
+                if data:
+                    event = json.loads(data)
+                    if "error" in event:
+                        raise CourseError(f"the server stopped the reply: {event['error']['message']}")
+                    yield event
+    except urllib.error.HTTPError as e:
+        message = json.loads(e.read() or b"{}").get("error", {}).get("message", e.reason)
+        raise CourseError(f"{url} answered {e.code}: {message}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise CourseError(f"no server at {url} ({getattr(e, 'reason', e)}); start one with "
+                          f"`openllm-edu serve --checkpoint DIR`, or check --url.") from None
+
+# %% ../nbs/98_cli.ipynb #c1e61e60
+def chat_with_server(url: str, config, api_key: str | None) -> int:
+    "The terminal chat of `cmd_chat`, each reply streamed from a running `openllm-edu serve` at `url`."
+    print(f"chatting with {url}; one message per line; /reset forgets the conversation, /quit leaves", file=sys.stderr)
+    messages = []
+    for line in sys.stdin:
+        text = line.rstrip("\n")
+        if text.strip() in ("/quit", "/reset"):
+            messages = []
+            if text.strip() == "/quit":
+                break
+            continue
+        messages.append({"role": "user", "content": text})
+        body = dict(messages=messages, max_tokens=config.max_new_tokens, temperature=config.temperature,
+                    stream=True, **({"seed": config.seed} if config.seed is not None else {}))
+        pieces = []
+        for event in server_events(url, body, api_key):
+            choices = event.get("choices") or [{}]  # the usage chunk, if asked for, has no choices
+            piece = choices[0].get("delta", {}).get("content") or ""
+            print(piece, end="", flush=True)
+            pieces.append(piece)
+        print()
+        messages.append({"role": "assistant", "content": "".join(pieces)})
+    return 0
+
+
+def check_port_free(host: str, port: int) -> None:
+    "A one-line CourseError now, rather than uvicorn's exit after the model has loaded, when the port is taken."
+    import socket
+
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise CourseError(f"{host}:{port} can't be used ({e.strerror}); stop what listens there or pick another "
+                              f"--port.") from None
+
+
+def cmd_serve(args) -> int:
+    from openllm_edu.serve import check_exposure, load_served_model, serve
+
+    folder = saved_model_folder(args.checkpoint)
+    if not 0 < args.port < 65536 or args.max_batch < 1:
+        raise CourseError(f"--port {args.port} / --max-batch {args.max_batch}: use a port from 1 to 65535 and a "
+                          f"batch of at least 1.")
+    api_key = args.api_key or os.environ.get(API_KEY_ENV)
+    check_exposure(args.host, api_key)  # before loading anything
+    check_port_free(args.host, args.port)
+    model, tokenizer, name = load_served_model(folder)
+    print(f"serving {folder} at http://{args.host}:{args.port}/ (OpenAI API under /v1, a chat page at /); "
+          f"Ctrl-C stops", file=sys.stderr, flush=True)
+    serve((model, tokenizer), host=args.host, port=args.port, max_batch=args.max_batch, api_key=api_key,
+          model_name=name)
+    return 0
 
 # %% ../nbs/98_cli.ipynb #d7a0b3c6
 QUANTIZE_METHODS = ("int8", "int4-g32", "int4-g64", "int4-g128", "int8-dynamic", "torchao-int8", "torchao-int8-dynamic")
@@ -826,6 +926,7 @@ HANDLERS = {
     ("bench", "export"): cmd_bench_export,
     ("generate", None): cmd_generate, ("eval", None): cmd_eval,
     ("compare", None): cmd_compare, ("finetune", None): cmd_finetune, ("chat", None): cmd_chat,
+    ("serve", None): cmd_serve,
     ("quantize", None): cmd_quantize, ("export", None): cmd_export,
     ("instructor", "release"): cmd_instructor_release, ("grade", None): cmd_grade,
 }
