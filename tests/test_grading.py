@@ -714,6 +714,16 @@ def tanh_gelu_error(model, idx):
     with torch.no_grad():
         return (tanh(idx)[0] - exact(idx)[0]).abs().max().item()
 """),
+    "15_batching": ("tokens_per_forward", """
+def tokens_per_forward(model, prompts, new_tokens, max_batch):
+    engine = Engine(model, eos_id=None, max_batch=max_batch)
+    config = GenerationConfig(max_new_tokens=new_tokens, temperature=0)
+    streams = [engine.submit(Request(ids, config)) for ids in prompts]
+    steps = 0
+    while engine.step():
+        steps += 1  # counts steps: a step's prefills are forward passes too
+    return sum(s.completion_tokens for s in streams), steps
+"""),
 }
 
 
