@@ -3,27 +3,31 @@
 # %% ../nbs/96_benchmarks.ipynb #eaf0d0a0
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import json
+import math
 import statistics
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .core import PRECISIONS, CourseError, check_precision
+from .core import PRECISIONS, CourseError, check_precision, is_whole_number
 
 # %% auto #0
 __all__ = ['DTYPES', 'COMPILED', 'BENCH_VARIANTS', 'TRAINER_OVERHEAD_TARGET', 'SCORING_TARGET', 'FINETUNE_TARGETS',
            'LORA_TRAIN_BYTES_TARGET', 'LORA_PEAK_TARGET', 'QUANT_INT8_DELTA_TARGET', 'QUANT_INT4_DELTA_TARGET',
-           'QUANT_INT8_BYTES_TARGET', 'QUANT_GENERATE_TARGET', 'EXPORT_GENERATE_TARGET', 'time_calls',
-           'time_interleaved', 'Timing', 'matmul_flops', 'time_matmul', 'measure_matmul_peak',
-           'model_flops_utilization', 'reuse_freed_memory', 'variant_settings', 'bench_variants',
+           'QUANT_INT8_BYTES_TARGET', 'QUANT_GENERATE_TARGET', 'EXPORT_GENERATE_TARGET', 'SERVE_SPEEDUP_TARGET',
+           'SERVE_PROMPTS', 'time_calls', 'time_interleaved', 'Timing', 'matmul_flops', 'time_matmul',
+           'measure_matmul_peak', 'model_flops_utilization', 'reuse_freed_memory', 'variant_settings', 'bench_variants',
            'precision_dtype_name', 'precision_dtype', 'bench_config', 'bench_gpt', 'make_train_step', 'build_bare_step',
            'time_training_steps', 'step_timing', 'bench_train_step', 'bench_generation', 'fastest_matmuls', 'use_peaks',
            'bench_model', 'kv_cache_speedup', 'timing_table', 'format_model_bench', 'synthetic_train_data',
@@ -33,7 +37,9 @@ __all__ = ['DTYPES', 'COMPILED', 'BENCH_VARIANTS', 'TRAINER_OVERHEAD_TARGET', 'S
            'count_step_bytes', 'FinetuneRow', 'finetune_step', 'check_finetune_settings', 'bench_finetune',
            'finetune_ratios', 'format_finetune_bench', 'quantize_timers', 'torchao_methods', 'bench_quantize',
            'quantize_targets', 'format_quantize_bench', 'export_timers', 'bench_export', 'export_ratios',
-           'format_export_bench']
+           'format_export_bench', 'percentile', 'RequestRecord', 'read_events', 'completion_body', 'stream_completion',
+           'run_clients', 'ServeRow', 'served', 'serve_max_tokens', 'check_serve_settings', 'bench_serve',
+           'serve_speedup', 'format_serve_bench']
 
 # %% ../nbs/96_benchmarks.ipynb #0f62f793
 def _check_repeats(repeats: int, warmup: int) -> None:
@@ -884,3 +890,224 @@ def format_export_bench(rows: Sequence[Timing]) -> str:
         f"generation: ours {ratios['ours_vs_transformers']:.2f}x transformers' tokens/s (goal >= "
         f"{EXPORT_GENERATE_TARGET:.1f}x: {met}), {ratios['ours_vs_onnxruntime']:.2f}x ONNX Runtime's",
         f"forward: ONNX Runtime {ratios['onnxruntime_forward_speedup']:.2f}x as fast as PyTorch eager"])
+
+# %% ../nbs/96_benchmarks.ipynb #2ee6f289
+SERVE_SPEEDUP_TARGET = 3.0  # batched aggregate tokens/s over one-at-a-time's, at 8 clients, in the same run
+SERVE_PROMPTS = ("ROMEO:", "First Citizen:", "To be, or not to be", "My lord, the king", "Enter a messenger.",
+                 "What say you, sir?", "O, that this too", "Good morrow, cousin.")
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    "The nearest-rank q-th percentile (0 < q <= 100): the value at rank ceil(q/100 * n) of the sorted values; None if none."
+    if not 0 < q <= 100:
+        raise CourseError(f"q={q}: a percentile is above 0 and at most 100 (50 is the median).")
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(math.ceil(q * len(ordered) / 100), 1) - 1]
+
+# %% ../nbs/96_benchmarks.ipynb #258eeecf
+@dataclass
+class RequestRecord:
+    "One streamed request as its client saw it: when it was sent, when each piece of text came, the usage, any error."
+    sent: float
+    arrivals: list[float] = field(default_factory=list)  # the clock at each chunk that carried text
+    text: str = ""
+    tokens: int = 0  # completion tokens, from the usage chunk at the end of the stream
+    finish_reason: str | None = None
+    error: str | None = None
+
+    @property
+    def ttft(self) -> float | None:
+        return self.arrivals[0] - self.sent if self.arrivals else None
+
+    @property
+    def gaps(self) -> list[float]:
+        return [later - earlier for earlier, later in zip(self.arrivals, self.arrivals[1:])]
+
+
+def read_events(lines: Iterable[str], record: RequestRecord, clock: Callable[[], float] = time.perf_counter) -> None:
+    "Fill `record` from the lines of a completion's SSE stream; an error event or a stream cut short is its error."
+    for line in lines:
+        now = clock()
+        if not line.startswith("data: "):
+            continue  # the blank line that ends each event
+        data = line.removeprefix("data: ")
+        if data == "[DONE]":
+            if record.finish_reason is None and record.error is None:
+                record.error = "the stream ended without a finish_reason"
+            return
+        event = json.loads(data)
+        if "error" in event:
+            record.error = event["error"]["message"]
+            continue
+        for choice in event["choices"]:
+            if choice["text"]:
+                record.arrivals.append(now)
+                record.text += choice["text"]
+            record.finish_reason = choice["finish_reason"] or record.finish_reason
+        if event.get("usage"):
+            record.tokens = event["usage"]["completion_tokens"]
+    record.error = record.error or "the stream ended before [DONE]"
+
+# %% ../nbs/96_benchmarks.ipynb #830ef436
+def completion_body(prompt: str, max_tokens: int) -> dict:
+    "A streamed, greedy completion request that asks for the usage at the end."
+    return {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+
+
+def stream_completion(client, url: str, body: dict) -> RequestRecord:
+    "POST `body` to url/v1/completions with the httpx `client` and read the stream as it comes."
+    record = RequestRecord(sent=time.perf_counter())
+    try:
+        with client.stream("POST", url + "/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                record.error = f"HTTP {response.status_code}: {response.read().decode(errors='replace')[:200]}"
+                return record
+            read_events(response.iter_lines(), record)
+    except Exception as e:  # a timeout, a refused connection, a body that is not JSON: counted, not raised
+        record.error = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+    return record
+
+# %% ../nbs/96_benchmarks.ipynb #f5f8d33a
+def run_clients(url: str, clients: int, requests: int, max_tokens: int,
+                timeout: float = 60.0) -> tuple[list[RequestRecord], float]:
+    "`clients` threads that each send `requests` streamed completions in turn: (every record, wall seconds)."
+    import httpx
+    records = [[] for _ in range(clients)]
+    start_line = threading.Barrier(clients + 1)
+
+    def client_loop(index: int) -> None:
+        with httpx.Client(timeout=timeout) as client:
+            start_line.wait(timeout)
+            for i in range(requests):
+                prompt = SERVE_PROMPTS[(index * requests + i) % len(SERVE_PROMPTS)]
+                records[index].append(stream_completion(client, url, completion_body(prompt, max_tokens)))
+
+    threads = [threading.Thread(target=client_loop, args=(i,), daemon=True) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    start_line.wait(timeout)
+    start = time.perf_counter()
+    deadline = start + timeout * requests  # each request's reads are bounded by `timeout` too
+    for thread in threads:
+        thread.join(max(deadline - time.perf_counter(), 0.0))
+    seconds = time.perf_counter() - start
+    done = [record for client_records in records for record in list(client_records)]
+    late = [RequestRecord(sent=start, error="no answer before the level's deadline")
+            for _ in range(clients * requests - len(done))]
+    return done + late, seconds
+
+# %% ../nbs/96_benchmarks.ipynb #a6d32317
+@dataclass
+class ServeRow:
+    "One level of load on one server: its variant, how many clients, every request's record and the wall time."
+    variant: str
+    clients: int
+    records: list[RequestRecord]
+    seconds: float
+
+    @property
+    def requests(self) -> int:
+        return len(self.records)
+
+    @property
+    def tokens(self) -> int:
+        return sum(r.tokens for r in self.records)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+    @property
+    def errors(self) -> int:
+        return sum(r.error is not None for r in self.records)
+
+    def ttft(self, q: float) -> float | None:
+        return percentile([r.ttft for r in self.records if r.ttft is not None], q)
+
+    def itl(self, q: float) -> float | None:
+        return percentile([gap for r in self.records for gap in r.gaps], q)
+
+# %% ../nbs/96_benchmarks.ipynb #6eeb2fba
+@contextlib.contextmanager
+def served(model: torch.nn.Module, tokenizer, max_batch: int, max_tokens: int):
+    "The URL of chapter 15b's server over an Engine(max_batch=max_batch) on 127.0.0.1; both stop when the block ends."
+    from openllm_edu.batching import Engine
+    from openllm_edu.serve import ServerLimits, ServerThread, create_app
+    engine = Engine(model, tokenizer.eos_id, tokenizer.vocab_size, max_batch=max_batch).start()
+    try:
+        with ServerThread(create_app(engine, tokenizer, "bench", ServerLimits(max_tokens=max_tokens))) as url:
+            yield url
+    finally:
+        engine.stop()
+
+
+def serve_max_tokens(tokenizer, block_size: int, max_tokens: int) -> int:
+    "`max_tokens`, or fewer when the longest prompt of SERVE_PROMPTS leaves less room in the context."
+    room = block_size - max(len(tokenizer.encode(prompt)) for prompt in SERVE_PROMPTS)
+    if room < 1:
+        raise CourseError(f"the model's context of {block_size} tokens has no room after the benchmark's prompts; "
+                          "serve a model with a longer block_size.")
+    return min(max_tokens, room)
+
+# %% ../nbs/96_benchmarks.ipynb #230b59c5
+def check_serve_settings(clients: Sequence[int], requests: int, max_tokens: int, max_batch: int) -> None:
+    if not clients or not all(is_whole_number(c) for c in clients):
+        raise CourseError(f"clients={list(clients)}: give one or more whole numbers of at least 1 (e.g. 1 4 8 16).")
+    for name, value, least in (("requests", requests, 1), ("max_tokens", max_tokens, 1), ("max_batch", max_batch, 2)):
+        if not is_whole_number(value, minimum=least):
+            raise CourseError(f"{name}={value!r}: give a whole number of at least {least}"
+                              + (" (max_batch=1 is the one-at-a-time server it is compared with)." if least == 2
+                                 else "."))
+
+
+def bench_serve(model: torch.nn.Module, tokenizer, clients: Sequence[int] = (1, 4, 8, 16), requests: int = 4,
+                max_tokens: int = 32, max_batch: int = 8, timeout: float = 60.0) -> list[ServeRow]:
+    """Rows of `format_serve_bench`: the server over Engine(max_batch) and over Engine(max_batch=1), each loaded by
+    each number of `clients` sending `requests` streamed greedy completions of `max_tokens` tokens."""
+    check_serve_settings(clients, requests, max_tokens, max_batch)
+    max_tokens = serve_max_tokens(tokenizer, model.config.block_size, max_tokens)
+    variants = {f"batched (max_batch={max_batch})": max_batch, "one at a time": 1}
+    rows = []
+    with contextlib.ExitStack() as servers:
+        urls = {name: servers.enter_context(served(model, tokenizer, n, max_tokens)) for name, n in variants.items()}
+        for url in urls.values():
+            run_clients(url, 1, 1, max_tokens, timeout)  # warm-up, not counted
+        for level in clients:
+            for name, url in urls.items():
+                rows.append(ServeRow(name, level, *run_clients(url, level, requests, max_tokens, timeout)))
+    return sorted(rows, key=lambda row: list(variants).index(row.variant))  # stable: levels keep their order
+
+# %% ../nbs/96_benchmarks.ipynb #39f47141
+def serve_speedup(rows: Sequence[ServeRow], clients: int = 8) -> tuple[int, ServeRow, ServeRow, float]:
+    "(level, batched row, one-at-a-time row, batched tokens/s ÷ one-at-a-time's) at `clients`, or the largest level."
+    levels = sorted({row.clients for row in rows})
+    level = clients if clients in levels else levels[-1]
+    batched, one = (next(r for r in rows if r.clients == level and (r.variant == "one at a time") == alone)
+                    for alone in (False, True))
+    return level, batched, one, batched.tokens_per_s / one.tokens_per_s
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f}"
+
+
+def format_serve_bench(rows: Sequence[ServeRow]) -> str:
+    "The rows of `bench_serve` as a table, then the speed-up of batching and the first error, if any."
+    lines = [f"{'variant':22} {'clients':>7} {'requests':>8} {'tokens':>7} {'tokens/s':>9} {'TTFT p50 ms':>11} "
+             f"{'TTFT p99 ms':>11} {'ITL p50 ms':>10} {'ITL p99 ms':>10} {'errors':>6}"]
+    for r in rows:
+        lines.append(f"{r.variant:22} {r.clients:7} {r.requests:8} {r.tokens:7} {r.tokens_per_s:9.1f} "
+                     f"{_ms(r.ttft(50)):>11} {_ms(r.ttft(99)):>11} {_ms(r.itl(50)):>10} {_ms(r.itl(99)):>10} "
+                     f"{r.errors:6}")
+    level, batched, one, speedup = serve_speedup(rows)
+    met = "met" if speedup >= SERVE_SPEEDUP_TARGET else "not met"
+    lines.append(f"at {level} clients: batched {batched.tokens_per_s:.1f} tokens/s = {speedup:.2f}x one at a time's "
+                 f"{one.tokens_per_s:.1f} (goal >= {SERVE_SPEEDUP_TARGET:.0f}x: {met}); p99 TTFT batched "
+                 f"{_ms(batched.ttft(99))} ms, one at a time {_ms(one.ttft(99))} ms")
+    errors = [r.error for row in rows for r in row.records if r.error is not None]
+    if errors:
+        lines.append(f"{len(errors)} errors; the first: {errors[0]}")
+    return "\n".join(lines)

@@ -23,9 +23,9 @@ __all__ = ['EVAL_REPORT_KEYS', 'FULL_FINETUNE_LR', 'LORA_LR', 'API_KEY_ENV', 'QU
            'saved_model_folder', 'load_saved_model', 'cmd_generate', 'cmd_compare', 'cmd_instructor_release',
            'cmd_grade', 'task_entry', 'eval_report', 'format_eval_report', 'cmd_eval', 'lora_parts', 'cmd_finetune',
            'load_chat_checkpoint', 'cmd_chat', 'server_events', 'chat_with_server', 'check_port_free', 'cmd_serve',
-           'check_quantize_out', 'save_quantized_folder', 'cmd_quantize', 'cmd_bench_quantize', 'cmd_bench_export',
-           'exported_logits', 'check_export', 'refuse_quantized_export', 'cmd_export', 'cli_program', 'cmd_launch',
-           'main']
+           'cmd_bench_serve', 'check_quantize_out', 'save_quantized_folder', 'cmd_quantize', 'cmd_bench_quantize',
+           'cmd_bench_export', 'exported_logits', 'check_export', 'refuse_quantized_export', 'cmd_export',
+           'cli_program', 'cmd_launch', 'main']
 
 # %% ../nbs/98_cli.ipynb #2a6ba9f3
 def _add_corpus(parser: argparse.ArgumentParser, flag: str, help_verb: str) -> None:
@@ -73,7 +73,7 @@ def _add_data_commands(commands) -> None:
 
 # %% ../nbs/98_cli.ipynb #09088057
 def _add_bench_commands(commands) -> None:
-    "`bench tokenizer|model|train|distributed|eval|finetune|quantize|export`."
+    "`bench tokenizer|model|train|distributed|eval|finetune|quantize|export|serve`."
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
     bench_tok = bench.add_parser("tokenizer", help="BPE training: incremental vs the naive reference")
     bench_tok.add_argument("--text-bytes", type=int, default=100_000)
@@ -136,6 +136,20 @@ def _add_bench_commands(commands) -> None:
     bench_x.add_argument("--tokens", type=int, default=None,
                          help="tokens per row of the forward pass (default: block_size)")
     bench_x.add_argument("--repeats", type=int, default=3, help="timed calls of each, in turns (default: 3)")
+    _add_bench_serve(bench)
+
+
+def _add_bench_serve(bench) -> None:
+    bench_s = bench.add_parser("serve", help="tokens/s and latency of the server with a batching engine against one "
+                                             "request at a time, under concurrent clients (chapter 15)")
+    bench_s.add_argument("--checkpoint", default=None,
+                         help="a saved model or run folder (default: the profile's course model)")
+    bench_s.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16],
+                         help="concurrent clients of each level (default: 1 4 8 16)")
+    bench_s.add_argument("--requests", type=int, default=4, help="streamed requests each client sends (default: 4)")
+    bench_s.add_argument("--max-tokens", type=int, default=32,
+                         help="tokens each request asks for (default: 32, fewer if the context is short)")
+    bench_s.add_argument("--max-batch", type=int, default=8, help="the batched engine's max_batch (default: 8)")
 
 
 # %% ../nbs/98_cli.ipynb #d8d72817
@@ -723,6 +737,27 @@ def cmd_serve(args) -> int:
           model_name=name)
     return 0
 
+# %% ../nbs/98_cli.ipynb #477c974f
+def cmd_bench_serve(args) -> int:
+    import torch
+
+    from openllm_edu.bench import bench_serve, check_serve_settings, format_serve_bench, serve_max_tokens
+    from openllm_edu.model import course_model
+    from openllm_edu.serve import load_served_model
+
+    check_serve_settings(args.clients, args.requests, args.max_tokens, args.max_batch)  # before loading a model
+    if args.checkpoint:
+        model, tokenizer, name = load_served_model(saved_model_folder(args.checkpoint))
+    else:
+        (model, tokenizer), name = course_model(args.profile), f"the {args.profile or 'active'} profile's course model"
+    rows = bench_serve(model, tokenizer, args.clients, args.requests, args.max_tokens, args.max_batch)
+    max_tokens = serve_max_tokens(tokenizer, model.config.block_size, args.max_tokens)
+    print(f"{name}; each client sends {args.requests} streamed greedy requests of {max_tokens} tokens; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(format_serve_bench(rows))
+    return 1 if any(row.errors for row in rows) else 0
+
+
 # %% ../nbs/98_cli.ipynb #d7a0b3c6
 QUANTIZE_METHODS = ("int8", "int4-g32", "int4-g64", "int4-g128", "int8-dynamic", "torchao-int8", "torchao-int8-dynamic")
 
@@ -923,7 +958,7 @@ HANDLERS = {
     ("bench", "model"): cmd_bench_model, ("bench", "train"): cmd_bench_train,
     ("bench", "distributed"): cmd_bench_distributed, ("bench", "eval"): cmd_bench_eval,
     ("bench", "finetune"): cmd_bench_finetune, ("bench", "quantize"): cmd_bench_quantize,
-    ("bench", "export"): cmd_bench_export,
+    ("bench", "export"): cmd_bench_export, ("bench", "serve"): cmd_bench_serve,
     ("generate", None): cmd_generate, ("eval", None): cmd_eval,
     ("compare", None): cmd_compare, ("finetune", None): cmd_finetune, ("chat", None): cmd_chat,
     ("serve", None): cmd_serve,

@@ -496,3 +496,176 @@ def test_bench_export_cli_on_a_saved_model(tmp_path):
     assert lines[0].startswith(f"{tmp_path / 'm'}; float32 on the CPU")
     assert [line.split()[2] for line in lines[3:8]] == ["ours", "transformers", "onnxruntime", "eager", "onnxruntime"]
     assert lines[5].split()[1] == "1x4" and lines[6].split()[1] == "1x24"  # forward default: batch 1 x block_size
+
+
+# --- bench serve: a load generator against chapter 15b's server ----------------------------------------------------
+
+def test_percentile_is_nearest_rank_by_hand_and_as_numpys_inverted_cdf():
+    from openllm_edu.bench import percentile
+
+    measured = [35.0, 20.0, 50.0, 15.0, 40.0]  # sorted: 15 20 35 40 50; rank ceil(q/100 * 5)
+    assert [percentile(measured, q) for q in (5, 30, 40, 50, 99, 100)] == [15.0, 20.0, 20.0, 35.0, 50.0, 50.0]
+    assert percentile(list(range(1, 101)), 99) == 99 and percentile([], 50) is None
+    values = np.random.default_rng(0).random(37).tolist()
+    for q in (1, 25, 50, 90, 99):
+        assert percentile(values, q) == np.percentile(values, q, method="inverted_cdf")
+    with pytest.raises(CourseError, match="q=0"):
+        percentile(measured, 0)
+
+
+def _sse_lines(*events):
+    import json
+    return [line for e in events for line in (f"data: {e if isinstance(e, str) else json.dumps(e)}", "")]
+
+
+def _text(text, finish=None):
+    return {"choices": [{"index": 0, "text": text, "finish_reason": finish}]}
+
+
+def test_read_events_times_each_chunk_of_text_and_takes_the_usage():
+    from openllm_edu.bench import RequestRecord, read_events
+
+    clock = iter([2.0, 2.0, 2.5, 2.5, 3.25, 3.25, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0])  # each line, blank ones too
+    record = RequestRecord(sent=1.5)
+    read_events(_sse_lines(_text("a"), _text(""), _text("bc"), _text("", "length"),
+                           {"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}},
+                           "[DONE]"), record, clock=lambda: next(clock))
+    assert (record.text, record.tokens, record.finish_reason, record.error) == ("abc", 3, "length", None)
+    assert record.arrivals == [2.0, 3.25] and record.ttft == 0.5 and record.gaps == [1.25]  # "" is no text
+
+
+@pytest.mark.parametrize("events, error", [
+    ((_text("a"),), "the stream ended before [DONE]"),
+    ((_text("a"), "[DONE]"), "the stream ended without a finish_reason"),
+    (({"error": {"message": "the request took too long"}}, "[DONE]"), "the request took too long"),
+])
+def test_read_events_reports_a_stream_that_did_not_finish(events, error):
+    from openllm_edu.bench import RequestRecord, read_events
+
+    record = RequestRecord(sent=0.0)
+    read_events(_sse_lines(*events), record)
+    assert record.error == error
+
+
+def test_stream_completion_counts_a_refusal_and_a_dead_server_as_errors():
+    import socket
+
+    import httpx
+
+    from openllm_edu.bench import completion_body, stream_completion
+
+    busy = httpx.MockTransport(lambda request: httpx.Response(429, json={"error": {"message": "busy"}}))
+    with httpx.Client(transport=busy) as client:
+        record = stream_completion(client, "http://127.0.0.1:9", completion_body("Hi", 4))
+    assert record.error.startswith("HTTP 429: ") and "busy" in record.error and record.tokens == 0
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with httpx.Client(timeout=5) as client:
+        record = stream_completion(client, f"http://127.0.0.1:{port}", completion_body("Hi", 4))
+    assert record.error.startswith("ConnectError")
+
+
+def test_serve_speedup_and_table_by_hand():
+    from openllm_edu.bench import RequestRecord, ServeRow, format_serve_bench, serve_speedup
+
+    def done(tokens, ttft, gap):
+        return RequestRecord(sent=0.0, arrivals=[ttft + i * gap for i in range(tokens)], tokens=tokens,
+                             finish_reason="length")
+
+    rows = [ServeRow("batched (max_batch=8)", 1, [done(4, 0.5, 0.25)], 1.0),
+            ServeRow("batched (max_batch=8)", 8, [done(4, 0.125, 0.25)] * 8, 2.0),
+            ServeRow("one at a time", 1, [done(4, 0.5, 0.25)], 1.0),
+            ServeRow("one at a time", 8, [done(4, 0.5, 0.0625)] * 7 + [RequestRecord(0.0, error="boom")], 7.0)]
+    assert (rows[1].tokens_per_s, rows[3].tokens_per_s, rows[3].errors, rows[3].requests) == (16.0, 4.0, 1, 8)
+    assert rows[3].ttft(99) == 0.5 and rows[3].itl(50) == 0.0625 and rows[1].itl(99) == 0.25
+    assert serve_speedup(rows) == (8, rows[1], rows[3], 4.0)
+    assert serve_speedup(rows[::2], clients=8)[0] == 1  # 8 was not run: the largest level
+    lines = format_serve_bench(rows).splitlines()
+    assert lines[0].split()[:3] == ["variant", "clients", "requests"] and len(lines) == 1 + 4 + 2
+    assert lines[4].split() == ["one", "at", "a", "time", "8", "8", "28", "4.0", "500.0", "500.0", "62.5", "62.5", "1"]
+    assert lines[5] == ("at 8 clients: batched 16.0 tokens/s = 4.00x one at a time's 4.0 (goal >= 3x: met); "
+                        "p99 TTFT batched 125.0 ms, one at a time 500.0 ms")
+    assert lines[6] == "1 errors; the first: boom"
+
+
+@pytest.mark.parametrize("settings, words", [
+    (dict(clients=[]), ["clients=[]"]), (dict(clients=[1, 0]), ["clients=[1, 0]"]),
+    (dict(requests=0), ["requests=0"]), (dict(max_tokens=0), ["max_tokens=0"]),
+    (dict(max_batch=1), ["max_batch=1", "one-at-a-time"]),
+])
+def test_check_serve_settings_says_what_to_fix(settings, words):
+    from openllm_edu.bench import check_serve_settings
+
+    with pytest.raises(CourseError) as error:
+        check_serve_settings(**(dict(clients=[1], requests=1, max_tokens=1, max_batch=2) | settings))
+    assert all(word in str(error.value) for word in words)
+
+
+def test_serve_max_tokens_leaves_room_for_the_longest_prompt():
+    from openllm_edu.bench import serve_max_tokens
+
+    class Chars:  # one token per character: the longest prompt, "Good morrow, cousin.", is 20 tokens
+        def encode(self, text):
+            return list(text)
+
+    assert serve_max_tokens(Chars(), 64, 32) == 32 and serve_max_tokens(Chars(), 24, 32) == 4
+    with pytest.raises(CourseError, match="longer block_size"):
+        serve_max_tokens(Chars(), 20, 32)
+
+
+@pytest.fixture(scope="module")
+def ci_model():
+    from openllm_edu.model import course_model
+    return course_model("ci")
+
+
+def test_bench_serve_on_the_ci_course_model(ci_model):
+    from openllm_edu.bench import SERVE_PROMPTS, bench_serve, format_serve_bench, serve_speedup
+    from openllm_edu.generate import GenerationConfig, generate
+
+    model, tokenizer = ci_model
+    rows = bench_serve(model, tokenizer, clients=(1, 2), requests=2, max_tokens=4, max_batch=4, timeout=30)
+    assert [(row.variant, row.clients) for row in rows] == [("batched (max_batch=4)", 1), ("batched (max_batch=4)", 2),
+                                                            ("one at a time", 1), ("one at a time", 2)]
+    assert [row.requests for row in rows] == [2, 4, 2, 4] and all(row.errors == 0 for row in rows)
+    # the course model does not write its end-of-text here: every request gets the 4 tokens it asked for
+    assert all(r.tokens == 4 and r.finish_reason == "length" for row in rows for r in row.records)
+    assert [row.tokens for row in rows] == [8, 16, 8, 16]
+    greedy = GenerationConfig(max_new_tokens=4, temperature=0.0, stop_at_eos=False)
+    for index, prompt in enumerate(SERVE_PROMPTS[:4]):  # client c sends prompts c*2 and c*2+1: the first four
+        ids = torch.tensor([tokenizer.encode(prompt)])
+        expected = tokenizer.decode(generate(model, ids, greedy)[0, ids.shape[1]:].tolist())
+        assert rows[1].records[index].text == rows[3].records[index].text == expected
+    for row in rows:
+        assert 0 < row.ttft(50) <= row.ttft(99) and 0 < row.itl(50) <= row.itl(99) and row.seconds > 0
+    level, batched, one, speedup = serve_speedup(rows)
+    assert (level, batched, one) == (2, rows[1], rows[3]) and speedup == rows[1].tokens_per_s / rows[3].tokens_per_s
+    lines = format_serve_bench(rows).splitlines()
+    assert len(lines) == 6 and lines[5].startswith(f"at 2 clients: batched {rows[1].tokens_per_s:.1f} tokens/s = "
+                                                   f"{speedup:.2f}x one at a time's {rows[3].tokens_per_s:.1f}")
+
+
+def test_bench_serve_cli_on_the_ci_course_model():
+    done = subprocess.run([sys.executable, "-c", CLI_MAIN, "--profile", "ci", "bench", "serve", "--clients", "1", "2",
+                           "--requests", "2", "--max-tokens", "4"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("the ci profile's course model; each client sends 2 streamed greedy requests of 4 ")
+    assert [line.split()[-1] for line in lines[2:6]] == ["0"] * 4  # errors
+    assert [line.split()[-8] for line in lines[2:6]] == ["2", "4", "2", "4"]  # requests
+    assert [line.split()[-7] for line in lines[2:6]] == ["8", "16", "8", "16"]  # tokens
+    assert lines[6].startswith("at 2 clients: batched ")
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--clients", "0"], ["clients=[0]"]), (["--requests", "0"], ["requests=0"]),
+    (["--max-tokens", "-1"], ["max_tokens=-1"]), (["--max-batch", "1"], ["max_batch=1"]),
+])
+def test_bench_serve_cli_rejects_bad_flags_in_one_line(flags, words):
+    done = subprocess.run([sys.executable, "-c", CLI_MAIN, "--profile", "ci", "bench", "serve", *flags],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    message = done.stderr.strip()
+    assert message.startswith("error:") and len(message.splitlines()) == 1, message
+    assert all(word in message for word in words), message
