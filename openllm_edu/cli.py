@@ -22,10 +22,10 @@ __all__ = ['EVAL_REPORT_KEYS', 'FULL_FINETUNE_LR', 'LORA_LR', 'API_KEY_ENV', 'QU
            'cmd_bench_model', 'cmd_bench_train', 'cmd_bench_distributed', 'cmd_bench_eval', 'cmd_bench_finetune',
            'saved_model_folder', 'load_saved_model', 'cmd_generate', 'cmd_compare', 'cmd_instructor_release',
            'cmd_grade', 'task_entry', 'eval_report', 'format_eval_report', 'cmd_eval', 'lora_parts', 'cmd_finetune',
-           'load_chat_checkpoint', 'cmd_chat', 'server_events', 'chat_with_server', 'check_port_free', 'cmd_serve',
-           'cmd_bench_serve', 'check_quantize_out', 'save_quantized_folder', 'cmd_quantize', 'cmd_bench_quantize',
-           'cmd_bench_export', 'exported_logits', 'check_export', 'refuse_quantized_export', 'cmd_export',
-           'cli_program', 'cmd_launch', 'main']
+           'load_chat_checkpoint', 'typed_messages', 'cmd_chat', 'server_events', 'chat_with_server', 'check_port_free',
+           'cmd_serve', 'cmd_bench_serve', 'check_quantize_out', 'save_quantized_folder', 'cmd_quantize',
+           'cmd_bench_quantize', 'cmd_bench_export', 'exported_logits', 'check_export', 'refuse_quantized_export',
+           'cmd_export', 'cli_program', 'cmd_launch', 'main']
 
 # %% ../nbs/98_cli.ipynb #2a6ba9f3
 def _add_corpus(parser: argparse.ArgumentParser, flag: str, help_verb: str) -> None:
@@ -612,6 +612,15 @@ def load_chat_checkpoint(checkpoint: str | Path):
     return load_chat_model(folder)
 
 
+def typed_messages(lines):
+    "Each message typed, one per line; None for /reset; the end at /quit (or at the end of the input)."
+    for line in lines:
+        text = line.rstrip("\n")
+        if text.strip() == "/quit":
+            return
+        yield None if text.strip() == "/reset" else text
+
+
 def cmd_chat(args) -> int:
     from openllm_edu.chat import render_prompt
     from openllm_edu.finetune import fit_history, stream_reply
@@ -627,12 +636,9 @@ def cmd_chat(args) -> int:
                           f"{block} positions; use at most {block // 2}.")
     print("one message per line; /reset forgets the conversation, /quit leaves", file=sys.stderr)
     messages = []
-    for line in sys.stdin:
-        text = line.rstrip("\n")
-        if text.strip() in ("/quit", "/reset"):
+    for text in typed_messages(sys.stdin):
+        if text is None:  # /reset
             messages = []
-            if text.strip() == "/quit":
-                break
             continue
         messages, dropped = fit_history(tokenizer, [*messages, {"role": "user", "content": text}],
                                         block - args.max_new_tokens)
@@ -687,12 +693,9 @@ def chat_with_server(url: str, config, api_key: str | None) -> int:
     "The terminal chat of `cmd_chat`, each reply streamed from a running `openllm-edu serve` at `url`."
     print(f"chatting with {url}; one message per line; /reset forgets the conversation, /quit leaves", file=sys.stderr)
     messages = []
-    for line in sys.stdin:
-        text = line.rstrip("\n")
-        if text.strip() in ("/quit", "/reset"):
+    for text in typed_messages(sys.stdin):
+        if text is None:  # /reset
             messages = []
-            if text.strip() == "/quit":
-                break
             continue
         messages.append({"role": "user", "content": text})
         body = dict(messages=messages, max_tokens=config.max_new_tokens, temperature=config.temperature,
