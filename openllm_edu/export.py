@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
+from collections.abc import Iterator
 import json
 import os
 import shutil
@@ -27,10 +29,10 @@ __all__ = ['GPT2_ACTIVATION', 'GPT2_FIELDS', 'HF_ARCHITECTURES', 'LLAMA_FIELDS',
            'check_llama_compatible', 'hf_family', 'llama_config', 'hf_config', 'llama_tensor_names', 'plain_tensors',
            'llama_state_dict', 'hf_state_dict', 'hf_chat_tokenizer', 'hf_tokenizer_for', 'tokenizer_config',
            'saved_metadata', 'describe_tokenizer', 'card_model_lines', 'card_training_lines', 'model_card',
-           'write_weights', 'write_json', 'write_hf_files', 'load_saved', 'export_hf', 'hf_field', 'refuse_field',
-           'default_or', 'config_from_gpt2', 'rope_theta', 'config_from_llama', 'gpt2_our_name', 'gpt2_tensors_to_ours',
-           'gpt2_has_bias', 'llama_tensors_to_ours', 'split_pattern_of', 'bpe_from_hf', 'tokenizer_from_hf',
-           'read_hf_config', 'read_hf_weights', 'import_hf']
+           'write_weights', 'write_json', 'write_hf_files', 'check_new_folder', 'folder_written_whole', 'load_saved',
+           'export_hf', 'hf_field', 'refuse_field', 'default_or', 'config_from_gpt2', 'rope_theta', 'config_from_llama',
+           'gpt2_our_name', 'gpt2_tensors_to_ours', 'gpt2_has_bias', 'llama_tensors_to_ours', 'split_pattern_of',
+           'bpe_from_hf', 'tokenizer_from_hf', 'read_hf_config', 'read_hf_weights', 'import_hf']
 
 # %% ../nbs/14_export.ipynb #57291d83
 GPT2_ACTIVATION = "gelu"  # transformers' exact erf GELU, as our nn.GELU(); "gelu_new" is GPT-2's tanh approximation
@@ -405,6 +407,28 @@ def write_hf_files(folder: Path, model: GPT, tokenizer: Tokenizer | None, metada
     (folder / "README.md").write_text(model_card(model, tokenizer, family, metadata or {}), encoding="utf-8")
 
 # %% ../nbs/14_export.ipynb #ef559b99
+def check_new_folder(out_dir: str | Path) -> Path:
+    "`out_dir` as a Path if nothing is there yet: an export never overwrites."
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise CourseError(f"{out_dir} already exists; export to a new folder (or delete this one), so nothing is "
+                          f"overwritten.")
+    return out_dir
+
+
+@contextmanager
+def folder_written_whole(out_dir: Path) -> Iterator[Path]:
+    """A hidden folder beside `out_dir` to write into; renamed to `out_dir` when the block ends, removed if it
+    fails: the export appears whole or not at all."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
+    try:
+        yield partial
+        os.replace(partial, out_dir)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
 def load_saved(folder: Path) -> tuple[GPT, Tokenizer | None]:
     "A model save_pretrained wrote, with its tokenizer; a fine-tuned chat model's tokenizer keeps its chat tokens."
     model, tokenizer = load_pretrained(folder)
@@ -423,21 +447,13 @@ def export_hf(source: GPT | str | Path, out_dir: str | Path, tokenizer: Tokenize
         tokenizer, metadata = tokenizer or saved_tokenizer, saved_metadata(Path(source))
     else:
         model = unwrap_model(source)
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise CourseError(f"{out_dir} already exists; export to a new folder (or delete this one), so nothing is "
-                          f"overwritten.")
+    out_dir = check_new_folder(out_dir)
     hf_family(model.config)  # refuse before creating anything
     if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
         raise CourseError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only vocab_size="
                           f"{model.config.vocab_size}; export the model with the tokenizer it was trained with.")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
-    try:
+    with folder_written_whole(out_dir) as partial:
         write_hf_files(partial, model, tokenizer, metadata)
-        os.replace(partial, out_dir)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
     return out_dir
 
 # %% ../nbs/14_export.ipynb #b4c0a002

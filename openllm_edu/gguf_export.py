@@ -3,17 +3,14 @@
 # %% ../nbs/14c_gguf.ipynb #c631bad5
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .core import CourseError
-from .export import (bias_or_zeros, byte_level_string, byte_to_unicode, check_gpt2_compatible, hf_family,
-                                llama_state_dict, plain_linear)
+from .export import (bias_or_zeros, byte_level_string, byte_to_unicode, check_gpt2_compatible,
+                                check_new_folder, folder_written_whole, hf_family, llama_state_dict, plain_linear)
 from .model import GPT, GPTConfig, load_pretrained, unwrap_model
 from .tokenizer import EOS_TOKEN, SPLIT_PATTERNS, BPETokenizer, Tokenizer
 
@@ -212,18 +209,10 @@ def export_gguf(source: GPT | str | Path, out_dir: str | Path, tokenizer: Tokeni
         tokenizer = tokenizer or saved_tokenizer
     else:
         model = unwrap_model(source)
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise CourseError(f"{out_dir} already exists; export to a new folder (or delete this one), so nothing is "
-                          f"overwritten.")
+    out_dir = check_new_folder(out_dir)
     gguf_tensors(model)  # refuse a config or layer GGUF can't hold before creating anything
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
-    try:
+    with folder_written_whole(out_dir) as partial:
         write_gguf(partial / GGUF_FILE, model, tokenizer, dtype)
-        os.replace(partial, out_dir)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
     return out_dir / GGUF_FILE
 
 # %% ../nbs/14c_gguf.ipynb #af65b6e5

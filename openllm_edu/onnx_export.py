@@ -6,9 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -17,6 +14,7 @@ import torch
 from torch import nn
 
 from .core import CourseError
+from .export import check_new_folder, folder_written_whole
 from .generate import model_device
 from .model import CONFIG_FILE, GPT, MODEL_TYPE, TOKENIZER_DIR, GPTConfig, load_pretrained, unwrap_model
 from .tokenizer import Tokenizer
@@ -222,10 +220,7 @@ def write_onnx_files(folder: Path, model: GPT, tokenizer: Tokenizer | None) -> N
 def export_onnx(source: GPT | str | Path, out_dir: str | Path, tokenizer: Tokenizer | None = None) -> Path:
     """Write `source` (a GPT, or a folder save_pretrained wrote) to the new folder `out_dir`: model.onnx,
     model_with_cache.onnx, config.json and, given or saved with the model, the tokenizer/."""
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise CourseError(f"{out_dir} already exists; export to a new folder (or delete this one), so nothing is "
-                          f"overwritten.")
+    out_dir = check_new_folder(out_dir)
     if isinstance(source, (str, Path)):
         source, saved_tokenizer = load_pretrained(source)
         tokenizer = tokenizer or saved_tokenizer
@@ -233,14 +228,8 @@ def export_onnx(source: GPT | str | Path, out_dir: str | Path, tokenizer: Tokeni
     if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
         raise CourseError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only vocab_size="
                           f"{model.config.vocab_size}; export it with the tokenizer it was trained with.")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
-    try:
-        with evaluating(model):
-            write_onnx_files(partial, model, tokenizer)
-        os.replace(partial, out_dir)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+    with folder_written_whole(out_dir) as partial, evaluating(model):
+        write_onnx_files(partial, model, tokenizer)
     return out_dir
 
 # %% ../nbs/14b_onnx.ipynb #d7ddd7ae
