@@ -6,20 +6,24 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
+import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .core import CourseError
-from .data import dedupe_documents, normalize_document, shakespeare_documents, take_bytes
+from .data import dedupe_documents, hash_value, normalize_document, shakespeare_documents, take_bytes
 
 # %% auto #0
-__all__ = ['SQUAD_REPOS', 'SQUAD_MIN_CHARS', 'TEXT_FILE_KINDS', 'CORPORA', 'CorpusReport', 'clean_documents', 'squad_contexts',
-           'hub_offline', 'squad_answers', 'load_squad_rows', 'load_squad', 'find_text_files', 'is_binary_file',
-           'is_utf8_file', 'load_text_files', 'load_corpus']
+__all__ = ['SQUAD_REPOS', 'SQUAD_MIN_CHARS', 'TEXT_FILE_KINDS', 'FORTUNES_DIR', 'FORTUNE_PACKAGES', 'CORPORA', 'CorpusReport',
+           'clean_documents', 'squad_contexts', 'hub_offline', 'squad_answers', 'load_squad_rows', 'load_squad',
+           'find_text_files', 'is_binary_file', 'is_utf8_file', 'load_text_files', 'Document', 'document_language',
+           'FortunePackage', 'fortunes_dir', 'fortune_files', 'fortune_entries', 'sample_bytes', 'resize_documents',
+           'combine_parts', 'load_fortunes', 'parse_corpus_spec', 'load_corpus']
 
 # %% ../nbs/01b_data_sources.ipynb #271ce52a
 def _length_histogram(lengths: Sequence[int]) -> list[list[int]]:
@@ -55,6 +59,7 @@ class CorpusReport:
     files: int = 0
     non_utf8_files: int = 0
     max_bytes: int | None = None  # set when the corpus was cut to a byte budget
+    parts: list[dict] = field(default_factory=list)  # a mix's parts: source, weight, documents, bytes
 
     def __str__(self) -> str:
         lines = [f"corpus:     {self.source}" + (f" ({self.files} files)" if self.files else ""),
@@ -63,6 +68,8 @@ class CorpusReport:
                  f"bytes:      {self.bytes:,} kept of {self.bytes_in:,}"
                  + (f" (cut to at most {self.max_bytes:,})" if self.max_bytes else ""),
                  f"length:     min {self.length_min:,}, median {self.length_median:,}, max {self.length_max:,} bytes"]
+        if len(self.parts) > 1:
+            lines.append("mix:        " + ", ".join(f"{p['source']} {p['bytes'] / max(self.bytes, 1):.0%}" for p in self.parts))
         if self.non_utf8_files:
             lines.append(f"non-UTF-8:  {self.non_utf8_files} of {self.files} files (invalid bytes replaced by U+FFFD)")
         return "\n".join(lines)
@@ -314,31 +321,207 @@ def load_text_files(paths: str | Path | Iterable[str | Path], text_field: str = 
         documents.extend("" if text is None else text for text in columns[text_field])
     return documents
 
+# %% ../nbs/01b_data_sources.ipynb #c31dd596
+class Document(str):
+    "A document's text, usable anywhere a `str` is, that also knows its language (an ISO 639-1 code, or None)."
+
+    def __new__(cls, text: str, language: str | None = None):
+        document = super().__new__(cls, text)
+        document.language = language
+        return document
+
+    def __reduce__(self):  # keep the language through pickle and copy
+        return Document, (str(self), self.language)
+
+
+def document_language(doc: str) -> str | None:
+    "The language of a `Document`; None for a plain string."
+    return getattr(doc, "language", None)
+
+# %% ../nbs/01b_data_sources.ipynb #e917071a
+FORTUNES_DIR = Path("/usr/share/games/fortunes")
+
+
+@dataclass(frozen=True)
+class FortunePackage:
+    package: str  # the Debian package that installs the files
+    language: str  # ISO 639-1 code its documents are tagged with
+    paths: tuple[str, ...]  # files or folders, relative to the fortunes folder
+
+
+FORTUNE_PACKAGES = {
+    "de": FortunePackage("fortunes-de", "de", ("de",)),
+    "es": FortunePackage("fortunes-es", "es", ("es",)),
+    "it": FortunePackage("fortunes-it", "it", ("it",)),
+    "pl": FortunePackage("fortunes-pl", "pl", ("pl",)),
+    "ru": FortunePackage("fortunes-ru", "ru", ("ru",)),
+    "zh": FortunePackage("fortunes-zh", "zh", ("chinese", "song100", "tang300")),
+    "br": FortunePackage("fortunes-br", "pt", ("brasil",)),
+}
+
+
+def fortunes_dir(root: str | Path | None = None) -> Path:
+    "The folder holding the fortune files: `root`, else $OPENLLM_EDU_FORTUNES, else Debian's folder."
+    return Path(root or os.environ.get("OPENLLM_EDU_FORTUNES") or FORTUNES_DIR)
+
+# %% ../nbs/01b_data_sources.ipynb #d45b3ed4
+def _fortune_package(name: str) -> FortunePackage:
+    code = name.removeprefix("fortunes-")
+    if code not in FORTUNE_PACKAGES:
+        raise CourseError(f"no fortunes package {name!r}; use one of {', '.join(FORTUNE_PACKAGES)}.")
+    return FORTUNE_PACKAGES[code]
+
+
+def _utf8_version(path: Path) -> Path:
+    "NAME.u8 when it exists (older packages kept NAME in a legacy encoding), else NAME."
+    twin = path.with_name(path.name + ".u8")
+    return twin if twin.is_file() else path
+
+
+def fortune_files(name: str, root: str | Path | None = None) -> list[Path]:
+    """The text files of one fortunes package ("ru" or "fortunes-ru"), in a fixed order; `CourseError`
+    saying how to install it when they are missing."""
+    package, folder = _fortune_package(name), fortunes_dir(root)
+    files = []
+    for path in (folder / p for p in package.paths):
+        if path.is_dir():
+            files.extend(sorted(f for f in path.rglob("*") if f.is_file() and f.suffix not in (".dat", ".u8")
+                                and "off" not in f.relative_to(path).parts[:-1]))
+        elif path.is_file():
+            files.append(path)
+    if not files:
+        raise CourseError(f"{package.package} is not installed (no files in {folder}): `sudo apt-get install "
+                          f"{package.package}` (Debian/Ubuntu), or use your own files.")
+    return [_utf8_version(f) for f in files]
+
+# %% ../nbs/01b_data_sources.ipynb #20242c95
+_FORTUNE_SEPARATOR = re.compile(r"^%[ \t]*$", re.MULTILINE)
+_TERMINAL_CODES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def fortune_entries(text: str) -> list[str]:
+    "The entries of one fortune file: text between lines holding only `%`, stripped, empty ones dropped."
+    text = _TERMINAL_CODES.sub("", text.replace("\r\n", "\n"))
+    return [entry.strip() for entry in _FORTUNE_SEPARATOR.split(text) if entry.strip()]
+
+# %% ../nbs/01b_data_sources.ipynb #10458d9c
+def sample_bytes(docs: Sequence[str], max_bytes: int) -> list[str]:
+    "Whole documents, chosen in `hash_value` order while they fit in `max_bytes`, kept in their original order."
+    chosen, used = set(), 0
+    for i in sorted(range(len(docs)), key=lambda i: hash_value(docs[i])):
+        size = len(docs[i].encode("utf-8"))
+        if used + size > max_bytes:
+            break
+        chosen.add(i)
+        used += size
+    return [doc for i, doc in enumerate(docs) if i in chosen]
+
+
+def resize_documents(docs: Sequence[str], target_bytes: int) -> list[str]:
+    "About `target_bytes` of `docs`: whole copies of all of them, then a `sample_bytes` of the rest."
+    size = sum(len(doc.encode("utf-8")) for doc in docs)
+    copies, rest = divmod(target_bytes, size)
+    return list(docs) * copies + sample_bytes(docs, rest)
+
+# %% ../nbs/01b_data_sources.ipynb #27e95dda
+def combine_parts(parts: Sequence[tuple[list[str], CorpusReport]], weights: Sequence[float] | None = None,
+                  max_bytes: int | None = None) -> tuple[list[str], CorpusReport]:
+    """Cleaned parts (documents, report) one after another, part i resized to `weights[i] / sum(weights)` of
+    `max_bytes` (None: of all their bytes; weights None: their sizes), with one report for the mix."""
+    reports = [report for _, report in parts]
+    weights = [report.bytes for report in reports] if weights is None else list(weights)
+    if any(w <= 0 for w in weights):
+        raise CourseError(f"corpus weights must be positive, got {weights}; e.g. fortunes-de:2,shakespeare:1.")
+    total = max_bytes or sum(report.bytes for report in reports)
+    resized = [resize_documents(docs, round(total * w / sum(weights))) for (docs, _), w in zip(parts, weights)]
+    docs = [doc for part in resized for doc in part]
+    counts = {key: sum(getattr(r, key) for r in reports) for key in
+              ("documents_in", "bytes_in", "empty_removed", "duplicates_removed", "files", "non_utf8_files")}
+    shares = [dict(source=r.source, weight=w, documents=len(part), bytes=_kept_stats(part)["bytes"])
+              for r, w, part in zip(reports, weights, resized)]
+    return docs, CorpusReport(source=",".join(r.source for r in reports), **counts, **_kept_stats(docs),
+                              max_bytes=max_bytes, parts=shares)
+
+# %% ../nbs/01b_data_sources.ipynb #d87b397f
+def _read_fortune_file(path: Path) -> list[str]:
+    try:
+        return fortune_entries(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        warnings.warn(f"{path} is not UTF-8 ({e.reason} at byte {e.start}); skipped.", stacklevel=3)
+        return []
+
+
+def load_fortunes(languages: str | Sequence[str], root: str | Path | None = None) -> tuple[list[Document], CorpusReport]:
+    """Clean fortune entries of the packages in `languages` ("de", "ru", ... or "fortunes-de", ...), as
+    `Document`s tagged with their language, in a fixed order (package, file, entry), and their report."""
+    languages = [languages] if isinstance(languages, str) else list(languages)
+    if not languages:
+        raise CourseError(f"no language given; use some of {', '.join(FORTUNE_PACKAGES)}.")
+    parts = []
+    for name in languages:
+        package, files = _fortune_package(name), fortune_files(name, root)
+        kept, report = clean_documents([e for f in files for e in _read_fortune_file(f)],
+                                       source=package.package, files=len(files))
+        parts.append(([Document(doc, package.language) for doc in kept], report))
+    return combine_parts(parts)
+
 # %% ../nbs/01b_data_sources.ipynb #d8cd1bb6
-CORPORA = ("shakespeare", "squad", "squad_v2")
+CORPORA = ("shakespeare", "squad", "squad_v2", *(p.package for p in FORTUNE_PACKAGES.values()))
+_WEIGHTED = re.compile(r"(.+):(\d+(?:\.\d*)?)")
+
+
+def parse_corpus_spec(spec: str | Path | Sequence[str | Path]) -> list[tuple[str | Path, float | None]]:
+    """(corpus name or path, weight or None) for each part of `spec`: names or paths, in a list or separated
+    by commas, each with an optional `:WEIGHT`. A path that exists is taken whole, commas and all."""
+    parts = []
+    for item in [spec] if isinstance(spec, (str, Path)) else list(spec):
+        pieces = [item] if Path(item).exists() else [p.strip() for p in str(item).split(",") if p.strip()]
+        for piece in pieces:
+            weighted = None if Path(piece).exists() else _WEIGHTED.fullmatch(str(piece))
+            name, weight = (weighted.group(1), float(weighted.group(2))) if weighted else (piece, None)
+            is_name = str(name) in CORPORA or str(name).startswith("fortunes-")
+            parts.append((str(name) if is_name else Path(name), weight))
+    return parts
+
+
+# %% ../nbs/01b_data_sources.ipynb #10967430
+def _named_corpus(name: str) -> tuple[list[str], CorpusReport]:
+    if name.startswith("fortunes-"):
+        return load_fortunes([name])
+    raw = shakespeare_documents() if name == "shakespeare" else load_squad("2.0" if name == "squad_v2" else "1.1")
+    return clean_documents(raw, source=name)
+
+
+def _file_corpus(paths: Sequence[Path], text_field: str) -> tuple[list[str], CorpusReport]:
+    files = find_text_files(paths)
+    raw = load_text_files(files, text_field=text_field)
+    non_utf8 = sum(1 for path in files if path.suffix.lower() != ".parquet" and not is_utf8_file(path))
+    source = ", ".join(map(str, paths)) if len(paths) <= 3 else f"{paths[0]} and {len(paths) - 1} more"
+    return clean_documents(raw, source=source, files=len(files), non_utf8_files=non_utf8)
 
 
 def load_corpus(spec: str | Path | Sequence[str | Path] = "shakespeare", max_bytes: int | None = None,
                 text_field: str = "text") -> tuple[list[str], CorpusReport]:
-    """Clean documents and their `CorpusReport` from a built-in corpus name or from paths.
-    `max_bytes` (None or 0: everything) keeps the first documents up to that many UTF-8 bytes."""
-    spec = [spec] if isinstance(spec, (str, Path)) else list(spec)
-    if not spec:
+    """Clean documents and their `CorpusReport` from built-in corpus names or paths (see `parse_corpus_spec`).
+    `max_bytes` (None or 0: everything) keeps the first documents up to that many UTF-8 bytes; in a mix, it
+    is the size of the mix."""
+    parts = parse_corpus_spec(spec)
+    if not parts:
         raise CourseError(f"no corpus given; name one of {', '.join(CORPORA)} or give files or folders.")
-    files, non_utf8 = [], 0
-    if len(spec) == 1 and str(spec[0]) in CORPORA:
-        source = str(spec[0])
-        if source == "shakespeare":
-            raw = shakespeare_documents()
-        else:
-            raw = load_squad("2.0" if source == "squad_v2" else "1.1")
+    names, weights = [name for name, _ in parts], [weight for _, weight in parts]
+    if all(isinstance(name, Path) for name in names) and weights.count(None) == len(weights):
+        docs, report = _file_corpus(names, text_field)
+    elif len(parts) == 1 and weights[0] is None:
+        docs, report = _named_corpus(names[0])
     else:
-        files = find_text_files(spec)
-        raw = load_text_files(files, text_field=text_field)
-        non_utf8 = sum(1 for path in files if path.suffix.lower() != ".parquet" and not is_utf8_file(path))
-        source = ", ".join(map(str, spec)) if len(spec) <= 3 else f"{spec[0]} and {len(spec) - 1} more"
-    docs, report = clean_documents(raw, source=source, files=len(files), non_utf8_files=non_utf8)
+        loaded = [_named_corpus(n) if isinstance(n, str) else _file_corpus([n], text_field) for n in names]
+        mix_weights = None if weights.count(None) == len(weights) else [1.0 if w is None else w for w in weights]
+        return combine_parts(loaded, mix_weights, max_bytes or None)
     if max_bytes and report.bytes > max_bytes:
-        docs = take_bytes(docs, max_bytes)
+        kept = take_bytes(docs, max_bytes)
+        if kept and isinstance(docs[len(kept) - 1], Document):  # the last one may have been cut to a plain str
+            kept[-1] = Document(kept[-1], docs[len(kept) - 1].language)
+        docs = kept
         report = CorpusReport(**{**report.to_dict(), **_kept_stats(docs), "max_bytes": max_bytes})
     return docs, report
+
