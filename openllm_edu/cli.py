@@ -30,7 +30,8 @@ __all__ = ['EVAL_REPORT_KEYS', 'FULL_FINETUNE_LR', 'LORA_LR', 'API_KEY_ENV', 'QU
 # %% ../nbs/98_cli.ipynb #2a6ba9f3
 def _add_corpus(parser: argparse.ArgumentParser, flag: str, help_verb: str) -> None:
     parser.add_argument(flag, nargs="+", required=True, metavar="CORPUS",
-                        help=f"{help_verb}: shakespeare, squad, squad_v2, or files/folders of .txt/.jsonl/.parquet")
+                        help=f"{help_verb}: shakespeare, squad, squad_v2, fortunes-de (-es, -it, -pl, -ru, -zh, -br), "
+                             "or files/folders of .txt/.jsonl/.parquet; several (or NAME:WEIGHT,...) make a mix")
     parser.add_argument("--max-bytes", type=int, default=None,
                         help="use only the first N bytes of the corpus (default: the profile's limit)")
     parser.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet files")

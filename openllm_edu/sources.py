@@ -372,12 +372,6 @@ def _fortune_package(name: str) -> FortunePackage:
     return FORTUNE_PACKAGES[code]
 
 
-def _utf8_version(path: Path) -> Path:
-    "NAME.u8 when it exists (older packages kept NAME in a legacy encoding), else NAME."
-    twin = path.with_name(path.name + ".u8")
-    return twin if twin.is_file() else path
-
-
 def fortune_files(name: str, root: str | Path | None = None) -> list[Path]:
     """The text files of one fortunes package ("ru" or "fortunes-ru"), in a fixed order; `CourseError`
     saying how to install it when they are missing."""
@@ -392,7 +386,7 @@ def fortune_files(name: str, root: str | Path | None = None) -> list[Path]:
     if not files:
         raise CourseError(f"{package.package} is not installed (no files in {folder}): `sudo apt-get install "
                           f"{package.package}` (Debian/Ubuntu), or use your own files.")
-    return [_utf8_version(f) for f in files]
+    return files
 
 # %% ../nbs/01b_data_sources.ipynb #20242c95
 _FORTUNE_SEPARATOR = re.compile(r"^%[ \t]*$", re.MULTILINE)
@@ -444,11 +438,14 @@ def combine_parts(parts: Sequence[tuple[list[str], CorpusReport]], weights: Sequ
 
 # %% ../nbs/01b_data_sources.ipynb #d87b397f
 def _read_fortune_file(path: Path) -> list[str]:
-    try:
-        return fortune_entries(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        warnings.warn(f"{path} is not UTF-8 ({e.reason} at byte {e.start}); skipped.", stacklevel=3)
-        return []
+    "The entries of NAME, or of NAME.u8 (its UTF-8 copy in some packages) when NAME is not UTF-8."
+    for candidate in (path, path.with_name(path.name + ".u8")):
+        try:
+            return fortune_entries(candidate.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, FileNotFoundError):
+            continue
+    warnings.warn(f"{path} is not UTF-8 and has no UTF-8 copy {path.name}.u8; skipped.", stacklevel=3)
+    return []
 
 
 def load_fortunes(languages: str | Sequence[str], root: str | Path | None = None) -> tuple[list[Document], CorpusReport]:
