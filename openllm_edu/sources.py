@@ -390,7 +390,7 @@ def fortune_files(name: str, root: str | Path | None = None) -> list[Path]:
 
 # %% ../nbs/01b_data_sources.ipynb #20242c95
 _FORTUNE_SEPARATOR = re.compile(r"^%[ \t]*$", re.MULTILINE)
-_TERMINAL_CODES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_TERMINAL_CODES = re.compile(r"\x1b(\[[0-9;]*[A-Za-z])?")  # a colour code, or a stray ESC
 
 
 def fortune_entries(text: str) -> list[str]:

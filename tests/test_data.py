@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -545,3 +546,133 @@ def test_chapter_01_imports_no_later_chapter():
     for module in ("data", "sources"):
         text = (Path(__file__).parent.parent / "openllm_edu" / f"{module}.py").read_text()
         assert "tokenizer import" not in text and "fast_bpe" not in text
+
+
+# ---------------------------------------------------------------- fortunes in several languages, corpus mixes
+
+FORTUNES = Path(__file__).parent / "fixtures" / "fortunes"
+REAL_FORTUNES = sources.FORTUNES_DIR
+needs_real_fortunes = pytest.mark.skipif(
+    not all((REAL_FORTUNES / p.paths[0]).exists() for p in sources.FORTUNE_PACKAGES.values()),
+    reason=f"the Debian fortunes packages are not installed in {REAL_FORTUNES} "
+           "(sudo apt-get install fortunes-de fortunes-es fortunes-it fortunes-pl fortunes-ru fortunes-zh fortunes-br)")
+
+
+def test_fortune_entries_split_on_percent_lines():
+    text = "one\n%\n two \n lines \n%%\nstill two\n%\n\n%\n\x1b[33m-- some\x1bone\x1b[m\r\n%\n"
+    assert sources.fortune_entries(text) == ["one", "two \n lines \n%%\nstill two", "-- someone"]
+
+
+def test_load_fortunes_on_the_fixture_layout():
+    with pytest.warns(UserWarning, match="latin1 is not UTF-8"):
+        docs, report = sources.load_fortunes(["ru", "fortunes-zh", "de"], root=FORTUNES)
+    assert docs == ["Тише едешь — дальше будешь.", "Утро вечера мудренее.", "Без труда не выловишь и рыбку из пруда.",
+                    "学而不思则罔，思而不学则殆。", "-- 《论语》\n温故而知新，可以为师矣。",
+                    "Wer zuletzt lacht, hat den Witz nicht verstanden.", "Morgenstund hat Gold im Mund.",
+                    "Übung macht den Meister.\n\t-- ein Lehrer"]  # off/, .dat, the empty .u8 and Latin-1 left out
+    assert [sources.document_language(d) for d in docs] == ["ru"] * 3 + ["zh"] * 2 + ["de"] * 3
+    assert (report.documents, report.duplicates_removed, report.files) == (8, 1, 4)
+    assert report.bytes == sum(len(d.encode()) for d in docs)
+    with pytest.warns(UserWarning):
+        assert sources.load_fortunes(["ru", "zh", "de"], root=FORTUNES)[0] == docs
+
+
+def test_a_document_is_a_str_that_keeps_its_language():
+    import copy
+    import pickle
+    doc = sources.Document("Утро вечера мудренее.", "ru")
+    assert isinstance(doc, str) and doc == "Утро вечера мудренее." and doc.encode() == "Утро вечера мудренее.".encode()
+    for twin in (pickle.loads(pickle.dumps(doc)), copy.deepcopy(doc)):
+        assert twin == doc and sources.document_language(twin) == "ru"
+    assert sources.document_language("plain") is None
+
+
+def test_missing_fortunes_package_says_how_to_install(tmp_path):
+    with pytest.raises(CourseError) as error:
+        sources.load_fortunes(["ru"], root=tmp_path)
+    assert "fortunes-ru is not installed" in str(error.value)
+    assert "`sudo apt-get install fortunes-ru` (Debian/Ubuntu), or use your own files" in str(error.value)
+    with pytest.raises(CourseError, match="no fortunes package 'fortunes-xx'; use one of de, es"):
+        load_corpus("fortunes-xx")
+
+
+def test_parse_corpus_spec(tmp_path):
+    odd = tmp_path / "a,b.txt"
+    odd.write_text("a file whose name has a comma")
+    assert sources.parse_corpus_spec("fortunes-de:2,shakespeare") == [("fortunes-de", 2.0), ("shakespeare", None)]
+    assert sources.parse_corpus_spec(["fortunes-ru", "notes.txt:0.5"]) == [("fortunes-ru", None),
+                                                                          (Path("notes.txt"), 0.5)]
+    assert sources.parse_corpus_spec(str(odd)) == [(odd, None)]
+    assert load_corpus(str(odd))[0] == ["a file whose name has a comma"]
+
+
+@pytest.fixture
+def fixture_fortunes(monkeypatch):
+    "The fixture folder stands in for the installed packages; its Latin-1 file's warning is expected."
+    monkeypatch.setenv("OPENLLM_EDU_FORTUNES", str(FORTUNES))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*latin1 is not UTF-8")
+        yield
+
+
+def test_load_corpus_fortunes_is_deterministic_and_splits_disjointly(fixture_fortunes):
+    docs, report = load_corpus("fortunes-ru,fortunes-zh,fortunes-de")
+    assert load_corpus(["fortunes-ru", "fortunes-zh", "fortunes-de"])[0] == docs
+    assert report.documents == len(docs) == 8 and [p["source"] for p in report.parts] == [
+        "fortunes-ru", "fortunes-zh", "fortunes-de"]
+    train, val = hash_split(docs, 0.3)
+    assert not set(train) & set(val) and sorted(train + val) == sorted(docs) and val
+    assert all(sources.document_language(d) in ("ru", "zh", "de") for d in train + val)
+    # the split depends on each text alone, not on which corpora came along
+    assert val == [d for d in docs if hashlib.sha256(d.encode()).digest()[:8] < int(0.3 * 2**64).to_bytes(8, "big")]
+
+
+def test_weighted_mix_shares_and_repeats(fixture_fortunes):
+    ru, _ = load_corpus("fortunes-ru")
+    docs, report = load_corpus("fortunes-ru:3,fortunes-de:1", max_bytes=800)
+    shares = {p["source"]: p["bytes"] for p in report.parts}
+    ru_bytes = sum(len(d.encode()) for d in docs if d.language == "ru")
+    assert ru_bytes == shares["fortunes-ru"] and shares["fortunes-ru"] <= 600 and shares["fortunes-de"] <= 200
+    ru_size = sum(len(d.encode()) for d in ru)
+    assert ru_size * 2 <= ru_bytes  # 600 bytes of a 168-byte corpus: repeated whole (three times) ...
+    assert [d for d in docs if d.language == "ru"][:len(ru) * 3] == ru * 3  # ... then topped up
+    train, val = hash_split(docs, 0.3)
+    assert not set(train) & set(val)  # every copy of a document lands on the same side
+    assert "mix:" in str(report) and report.max_bytes == 800
+    with pytest.raises(CourseError, match="weights must be positive"):
+        load_corpus("fortunes-ru:0,fortunes-de:1")
+
+
+def test_sample_bytes_takes_whole_documents_in_hash_order():
+    docs = [f"document number {i}" for i in range(40)]
+    by_hash = sorted(docs, key=hash_value)
+    sample = sources.sample_bytes(docs, 200)
+    expected = set(by_hash[:200 // len(docs[10].encode())])  # documents 10..39 are all 18 bytes
+    assert sum(len(d.encode()) for d in sample) <= 200 and sample == [d for d in docs if d in set(sample)]
+    assert set(sample) <= set(by_hash[:len(sample)]) and len(sample) >= len(expected) - 1
+
+
+def test_data_prepare_cli_on_a_fortunes_mix(fixture_fortunes, tmp_path):
+    from openllm_edu.cli import main
+    from openllm_edu.fast_bpe import train_tokenizer
+    train_tokenizer("char", load_corpus("fortunes-ru,fortunes-zh,fortunes-de")[0], out_dir=tmp_path / "tok")
+    assert main(["data", "prepare", "--corpus", "fortunes-ru:1,fortunes-zh:1", "fortunes-de:2",
+                 "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "data"), "--val-fraction", "0.3",
+                 "--max-bytes", "1000"]) == 0
+    report = json.loads((tmp_path / "data" / "report.json").read_text())
+    assert [p["source"] for p in report["corpus"]["parts"]] == ["fortunes-ru", "fortunes-zh", "fortunes-de"]
+    assert [p["weight"] for p in report["corpus"]["parts"]] == [1.0, 1.0, 2.0]
+    docs, _ = load_corpus(["fortunes-ru:1,fortunes-zh:1", "fortunes-de:2"], max_bytes=1000)
+    assert report["splits"]["train"]["documents"] + report["splits"]["val"]["documents"] == len(docs)
+    assert report["splits"]["train"]["bytes"] + report["splits"]["val"]["bytes"] == report["corpus"]["bytes"]
+
+
+@needs_real_fortunes
+def test_real_fortunes_every_language():
+    for code, package in sources.FORTUNE_PACKAGES.items():
+        docs, report = load_corpus(package.package)
+        assert report.documents > 1000 and report.bytes > 200_000, code
+        assert {sources.document_language(d) for d in docs} == {package.language}
+        assert not any("\x1b" in d or "\ufffd" in d for d in docs), code
+    zh, _ = load_corpus("fortunes-zh", max_bytes=50_000)
+    assert sum("\u4e00" <= ch <= "\u9fff" for d in zh for ch in d) > 5_000  # CJK ideographs, not mojibake
