@@ -1,13 +1,14 @@
 """Behaviour of openllm_edu.tokenizer (chapter 02) and openllm_edu.fast_bpe (deep dive 02b): every tokenizer
 round-trips any Unicode text, the fast BPE trainer and encoder agree exactly with the obvious reference versions, and bad input is a CourseError that says what to do."""
 import warnings
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from openllm_edu.core import CourseError
-from openllm_edu.data import shakespeare_documents
+from openllm_edu.data import hash_split, shakespeare_documents, take_bytes
 from openllm_edu.fast_bpe import (
     FAST_TOKENIZER_KINDS,
     FastBPETokenizer,
@@ -19,6 +20,7 @@ from openllm_edu.fast_bpe import (
     train_bpe_incremental,
     train_tokenizer,
 )
+from openllm_edu.sources import FORTUNE_PACKAGES, FORTUNES_DIR, load_corpus
 from openllm_edu.tokenizer import (
     EOS_TOKEN,
     BPETokenizer,
@@ -320,3 +322,89 @@ def test_tokenizer_imports_no_later_chapter():
               "print(sorted(m for m in sys.modules if m.startswith('openllm_edu.')))")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120)
     assert eval(out.stdout) == ["openllm_edu.core", "openllm_edu.tokenizer"]
+
+
+# --- more than English: the multilingual fixture ----------------------------------------------------------------
+
+MULTILINGUAL = (Path(__file__).parent / "fixtures" / "multilingual.txt").read_text(encoding="utf-8")
+MULTILINGUAL_LINES = MULTILINGUAL.splitlines()
+
+
+def test_multilingual_fixture_holds_what_it_promises():
+    import unicodedata
+    scripts = {"CYRILLIC", "GREEK", "CJK", "HIRAGANA", "HANGUL", "ARABIC", "HEBREW"}
+    names = {unicodedata.name(ch, "?").split()[0] for ch in MULTILINGUAL}
+    assert scripts <= names
+    assert "e\u0301" in MULTILINGUAL and "\u200d" in MULTILINGUAL and "🇩🇪" in MULTILINGUAL  # combining, ZWJ, flag
+    assert unicodedata.bidirectional("ש") == "R" and unicodedata.bidirectional("م") == "AL"
+
+
+@pytest.fixture(scope="module")
+def multilingual_tokenizers(corpus):
+    "Every kind trained on English plus the fixture's lines, so merges and pieces span multi-byte characters."
+    texts = corpus + MULTILINGUAL_LINES * 3
+    return {
+        "char": CharTokenizer().train(texts),
+        "bpe-none": BPETokenizer(None).train(texts, 600),
+        "bpe-gpt4": BPETokenizer("gpt4").train(texts, 600),
+        "fast-bpe-gpt4": FastBPETokenizer("gpt4").train(texts, 600),
+        "sentencepiece": SentencePieceTokenizer().train(texts, 600),
+    }
+
+
+@pytest.mark.parametrize("trained_on", ["english", "english+multilingual"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_multilingual_fixture_round_trips_byte_for_byte(tokenizers, multilingual_tokenizers, kind, trained_on):
+    tokenizer = (tokenizers if trained_on == "english" else multilingual_tokenizers)[kind]
+    ids = tokenizer.encode(MULTILINGUAL)
+    assert all(0 <= i < tokenizer.vocab_size for i in ids)
+    assert tokenizer.decode(ids).encode("utf-8") == MULTILINGUAL.encode("utf-8")
+    assert [tokenizer.decode(tokenizer.encode(line)) for line in MULTILINGUAL_LINES] == MULTILINGUAL_LINES
+
+
+def test_multilingual_merges_do_span_characters(multilingual_tokenizers):
+    "The fixture-trained byte-level BPE has tokens that end inside a character, so streaming is really tested."
+    bpe = multilingual_tokenizers["fast-bpe-gpt4"]
+    pieces = [bpe.decode([i]) for i in bpe.encode(MULTILINGUAL)]
+    assert any("\ufffd" in piece for piece in pieces)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_streaming_decode_never_splits_a_character(multilingual_tokenizers, kind):
+    from openllm_edu.generate import stream_pieces
+    tokenizer = multilingual_tokenizers[kind]
+    pieces = list(stream_pieces(tokenizer.encode(MULTILINGUAL), tokenizer.decode))
+    assert "".join(pieces) == MULTILINGUAL
+    assert not any("\ufffd" in piece for piece in pieces) and all(piece.encode("utf-8") for piece in pieces)
+
+
+multilingual_text = st.text(alphabet=st.sampled_from(sorted(set(MULTILINGUAL)) + ["\u0301", "\u200d", "\U0001f1e9"]),
+                            max_size=120)
+
+
+@pytest.mark.parametrize("kind", ["bpe-gpt4", "fast-bpe-gpt4", "bpe-none"])
+@SETTINGS
+@given(text=st.one_of(multilingual_text, st.text(max_size=120)))
+def test_byte_level_bpe_round_trips_any_unicode(multilingual_tokenizers, kind, text):
+    tokenizer = multilingual_tokenizers[kind]
+    assert tokenizer.decode(tokenizer.encode(text)).encode("utf-8") == text.encode("utf-8", "surrogatepass")
+
+
+# --- what a tokenizer costs per language (the real Debian fortunes) --------------------------------------------
+
+@pytest.mark.skipif(not all((FORTUNES_DIR / FORTUNE_PACKAGES[c].paths[0]).exists() for c in ("de", "ru", "zh")),
+                    reason=f"fortunes-de/-ru/-zh are not installed in {FORTUNES_DIR} "
+                           "(sudo apt-get install fortunes-de fortunes-ru fortunes-zh)")
+def test_a_mixed_tokenizer_costs_fewer_tokens_per_byte_on_russian_and_chinese():
+    splits = {code: hash_split(load_corpus(f"fortunes-{code}")[0], 0.1) for code in ("de", "ru", "zh")}
+    mixed = [doc for train, _ in splits.values() for doc in take_bytes(train, 200_000)]
+    mixed += shakespeare_documents(max_bytes=200_000)
+    english_only = FastBPETokenizer("gpt4").train(shakespeare_documents(max_bytes=800_000), 512)
+    multilingual = FastBPETokenizer("gpt4").train(mixed, 512)
+    for code in ("ru", "zh"):
+        held_out = "\n".join(take_bytes(splits[code][1], 50_000))
+        size = len(held_out.encode("utf-8"))
+        english_cost = len(english_only.encode(held_out)) / size
+        mixed_cost = len(multilingual.encode(held_out)) / size
+        print(f"{code}: {mixed_cost:.3f} tokens/byte (mixed) vs {english_cost:.3f} (English only)")
+        assert mixed_cost < 0.8 * english_cost, code
