@@ -476,7 +476,7 @@ def parse_corpus_spec(spec: str | Path | Sequence[str | Path]) -> list[tuple[str
         for piece in pieces:
             weighted = None if Path(piece).exists() else _WEIGHTED.fullmatch(str(piece))
             name, weight = (weighted.group(1), float(weighted.group(2))) if weighted else (piece, None)
-            is_name = str(name) in CORPORA or str(name).startswith("fortunes-")
+            is_name = str(name) in CORPORA or (str(name).startswith("fortunes-") and not Path(name).exists())
             parts.append((str(name) if is_name else Path(name), weight))
     return parts
 
