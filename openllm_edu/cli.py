@@ -21,15 +21,15 @@ __all__ = ['EVAL_REPORT_KEYS', 'FULL_FINETUNE_LR', 'LORA_LR', 'API_KEY_ENV', 'QU
            'HANDLERS', 'build_parser', 'cmd_doctor', 'cmd_tokenizer_train', 'cmd_data_prepare', 'cmd_bench_tokenizer',
            'cmd_bench_model', 'cmd_bench_train', 'cmd_bench_distributed', 'cmd_bench_eval', 'cmd_bench_finetune',
            'saved_model_folder', 'load_saved_model', 'cmd_generate', 'cmd_compare', 'cmd_instructor_release',
-           'cmd_grade', 'task_entry', 'eval_report', 'format_eval_report', 'cmd_eval', 'lora_parts', 'cmd_finetune',
-           'load_chat_checkpoint', 'typed_messages', 'cmd_chat', 'server_events', 'chat_with_server', 'check_port_free',
-           'cmd_serve', 'cmd_bench_serve', 'check_quantize_out', 'save_quantized_folder', 'cmd_quantize',
-           'cmd_bench_quantize', 'cmd_bench_export', 'exported_logits', 'check_export', 'refuse_quantized_export',
-           'cmd_export', 'cli_program', 'cmd_launch', 'main']
+           'cmd_grade', 'task_entry', 'eval_report', 'format_eval_report', 'held_out_languages', 'cmd_eval',
+           'lora_parts', 'cmd_finetune', 'load_chat_checkpoint', 'typed_messages', 'cmd_chat', 'server_events',
+           'chat_with_server', 'check_port_free', 'cmd_serve', 'cmd_bench_serve', 'check_quantize_out',
+           'save_quantized_folder', 'cmd_quantize', 'cmd_bench_quantize', 'cmd_bench_export', 'exported_logits',
+           'check_export', 'refuse_quantized_export', 'cmd_export', 'cli_program', 'cmd_launch', 'main']
 
 # %% ../nbs/98_cli.ipynb #2a6ba9f3
-def _add_corpus(parser: argparse.ArgumentParser, flag: str, help_verb: str) -> None:
-    parser.add_argument(flag, nargs="+", required=True, metavar="CORPUS",
+def _add_corpus(parser: argparse.ArgumentParser, flag: str, help_verb: str, required: bool = True) -> None:
+    parser.add_argument(flag, nargs="+", required=required, metavar="CORPUS",
                         help=f"{help_verb}: shakespeare, squad, squad_v2, fortunes-de (-es, -it, -pl, -ru, -zh, -br), "
                              "or files/folders of .txt/.jsonl/.parquet; several (or NAME:WEIGHT,...) make a mix")
     parser.add_argument("--max-bytes", type=int, default=None,
@@ -217,6 +217,9 @@ def _add_eval(commands) -> None:
     evaluate.add_argument("--batch", type=int, default=16, help="rows per forward pass (default: 16)")
     evaluate.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     evaluate.add_argument("--out", metavar="REPORT.json", help="where to write the report (default: <model>/eval.json)")
+    _add_corpus(evaluate, "--corpus", "also report held-out bits per byte per language of", required=False)
+    evaluate.add_argument("--val-fraction", type=float, default=None,
+                          help="with --corpus: the share held out, as given to data prepare (default: the profile's)")
 
 
 def _add_compare(commands) -> None:
@@ -498,7 +501,7 @@ def cmd_grade(args) -> int:
 
 # %% ../nbs/98_cli.ipynb #9438f8dd
 EVAL_REPORT_KEYS = ("checkpoint", "tokenizer", "profile", "limit", "batch_size", "openllm_edu", "torch", "device",
-                    "tasks")
+                    "tasks", "languages")
 
 
 def task_entry(task, result, source: str, seconds: float) -> dict:
@@ -508,7 +511,7 @@ def task_entry(task, result, source: str, seconds: float) -> dict:
 
 
 def eval_report(folder: Path, tokenizer, entries: list[dict], *, profile: str, limit: int | None, batch_size: int,
-                device) -> dict:
+                device, languages: list[dict] | None = None) -> dict:
     import torch
 
     import openllm_edu
@@ -516,7 +519,8 @@ def eval_report(folder: Path, tokenizer, entries: list[dict], *, profile: str, l
     values = dict(checkpoint=str(folder.resolve()), tokenizer=dict(kind=tokenizer.kind, vocab_size=tokenizer.vocab_size,
                                                           fingerprint=tokenizer.fingerprint),
                   profile=profile, limit=limit, batch_size=batch_size, openllm_edu=openllm_edu.__version__,
-                  torch=torch.__version__, device=str(device), tasks=entries)
+                  torch=torch.__version__, device=str(device), tasks=entries,
+                  languages=languages)
     return {key: values[key] for key in EVAL_REPORT_KEYS}
 
 
@@ -529,6 +533,11 @@ def format_eval_report(report: dict) -> str:
         interval = f"{t['interval'][0]:.3f}-{t['interval'][1]:.3f}"
         lines.append(f"{t['task']:12} {t['n']:6} {t['accuracy']:9.3f} {norm:>9} {interval:>15} {t['chance']:7.3f} "
                      f"{t['seconds']:8.1f}")
+    if report.get("languages"):
+        from openllm_edu.scoring import LanguageBits, format_language_bits
+
+        rows = [LanguageBits(**{k: v for k, v in row.items() if k != "bits_per_byte"}) for row in report["languages"]]
+        lines += ["", "held-out documents by language:", format_language_bits(rows)]
     return "\n".join(lines)
 
 # %% ../nbs/98_cli.ipynb #0fdb44f0
@@ -537,6 +546,26 @@ def _check_eval_flags(args) -> None:
         raise CourseError(f"--limit {args.limit}: score at least 1 item of each task, or leave --limit out for all.")
     if args.batch < 1:
         raise CourseError(f"--batch {args.batch}: a forward pass scores at least 1 row (default: 16).")
+
+
+def held_out_languages(model, tokenizer, args, profile) -> list[dict]:
+    "Bits per byte per language of the corpus's held-out documents: the split `data prepare` makes of it."
+    from dataclasses import asdict
+
+    from openllm_edu.data import hash_split
+    from openllm_edu.scoring import bits_per_byte_by_language
+    from openllm_edu.sources import load_corpus
+
+    val_fraction = profile.val_fraction if args.val_fraction is None else args.val_fraction
+    docs, _ = load_corpus(_corpus_spec(args.corpus), max_bytes=_max_bytes(args, profile), text_field=args.text_field)
+    held_out = hash_split(docs, val_fraction)[1]
+    if not held_out:
+        raise CourseError(f"--val-fraction {val_fraction} holds out no document of this corpus; give a larger one.")
+    rows = bits_per_byte_by_language(model, tokenizer, held_out, batch_size=args.batch)
+    if not rows:
+        raise CourseError("the corpus's documents carry no language (your own files have none); name built-in "
+                          "corpora such as shakespeare or fortunes-de, or leave --corpus out.")
+    return [{**asdict(row), "bits_per_byte": row.bits_per_byte} for row in rows.values()]
 
 
 def cmd_eval(args) -> int:
@@ -550,13 +579,14 @@ def cmd_eval(args) -> int:
     model, tokenizer, folder = load_saved_model(args.checkpoint, device)
     sources = args.task or list(BUILTIN_TASKS)
     tasks = [load_task(source, profile) for source in sources]  # every task is checked before any is scored
+    languages = held_out_languages(model, tokenizer, args, profile) if args.corpus else None
     entries = []
     for source, task in zip(sources, tasks):
         start = time.perf_counter()
         result = evaluate_task(model, tokenizer, task, limit=args.limit, batch_size=args.batch)
         entries.append(task_entry(task, result, source, time.perf_counter() - start))
     report = eval_report(folder, tokenizer, entries, profile=profile.name, limit=args.limit, batch_size=args.batch,
-                         device=device)
+                         device=device, languages=languages)
     out = Path(args.out) if args.out else folder / "eval.json"
     atomic_write_text(out, json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2) if args.json else f"{format_eval_report(report)}\nreport: {out}")

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from .core import CourseError
 
 # %% auto #0
-__all__ = ['NORMALIZATIONS', 'Score', 'split_tokens', 'evaluating', 'score_rows', 'loglikelihood', 'rolling_windows',
-           'rolling_token_logprobs', 'loglikelihood_rolling', 'choice_value', 'choose']
+__all__ = ['UNLABELLED', 'NORMALIZATIONS', 'Score', 'split_tokens', 'evaluating', 'score_rows', 'loglikelihood',
+           'rolling_windows', 'rolling_token_logprobs', 'loglikelihood_rolling', 'LanguageBits',
+           'bits_per_byte_by_language', 'format_language_bits', 'choice_value', 'choose']
 
 # %% ../nbs/10_scoring.ipynb #87bac6ae
 @dataclass(frozen=True)
@@ -170,6 +171,56 @@ def loglikelihood_rolling(model, tokenizer, texts: Sequence[str], *, stride: int
                                                   batch_size=batch_size)
         scores.append(_as_score(logprobs, greedy, len(ids), text))
     return scores
+
+# %% ../nbs/10_scoring.ipynb #e856ffaa
+from collections.abc import Iterable
+
+from .metrics import bits_per_byte
+from .sources import document_language
+
+UNLABELLED = "unlabelled"  # documents without a language, in a corpus where some have one
+
+
+@dataclass(frozen=True)
+class LanguageBits:
+    "What a model's held-out score is on one language's documents."
+    language: str
+    documents: int
+    tokens: int  # tokens scored: the tokenizer's count, so it differs between tokenizers on the same text
+    bytes: int  # UTF-8 bytes: the same whatever the tokenizer
+    nats: float  # -ln p of every token, summed
+
+    @property
+    def bits_per_byte(self) -> float:
+        return bits_per_byte(self.nats, self.bytes)
+
+
+def bits_per_byte_by_language(model, tokenizer, documents: Iterable[str], *, stride: int | None = None,
+                              batch_size: int = 16) -> dict[str, LanguageBits]:
+    """Bits per byte of each language's documents (their `document_language`), each document scored whole by
+    `loglikelihood_rolling`; languages in the order they first appear, `UNLABELLED` for documents without one.
+    Empty when no document carries a language: there is nothing per language to report."""
+    documents = [_check_text(doc, "each document") for doc in documents]
+    if not any(document_language(doc) for doc in documents):
+        return {}
+    totals: dict[str, list] = {}
+    for doc, score in zip(documents, loglikelihood_rolling(model, tokenizer, documents, stride=stride,
+                                                           batch_size=batch_size)):
+        total = totals.setdefault(document_language(doc) or UNLABELLED, [0, 0, 0, 0.0])
+        total[0] += 1
+        total[1] += score.n_tokens
+        total[2] += score.n_bytes
+        total[3] -= score.logprob
+    return {language: LanguageBits(language, *total) for language, total in totals.items()}
+
+
+def format_language_bits(rows: Iterable[LanguageBits]) -> str:
+    "Per-language scores as a table, a line per language."
+    lines = [f"{'language':10} {'documents':>9} {'bytes':>9} {'tokens/byte':>11} {'bits/byte':>9}"]
+    for row in rows:
+        lines.append(f"{row.language:10} {row.documents:9,} {row.bytes:9,} {row.tokens / row.bytes:11.3f} "
+                     f"{row.bits_per_byte:9.3f}")
+    return "\n".join(lines)
 
 # %% ../nbs/10_scoring.ipynb #834763cc
 NORMALIZATIONS = (None, "token", "byte")

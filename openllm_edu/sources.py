@@ -485,8 +485,10 @@ def parse_corpus_spec(spec: str | Path | Sequence[str | Path]) -> list[tuple[str
 def _named_corpus(name: str) -> tuple[list[str], CorpusReport]:
     if name.startswith("fortunes-"):
         return load_fortunes([name])
-    raw = shakespeare_documents() if name == "shakespeare" else load_squad("2.0" if name == "squad_v2" else "1.1")
-    return clean_documents(raw, source=name)
+    if name == "shakespeare":  # English, so a mix of languages knows which documents are which
+        docs, report = clean_documents(shakespeare_documents(), source=name)
+        return [Document(doc, "en") for doc in docs], report
+    return clean_documents(load_squad("2.0" if name == "squad_v2" else "1.1"), source=name)
 
 
 def _file_corpus(paths: Sequence[Path], text_field: str) -> tuple[list[str], CorpusReport]:

@@ -513,7 +513,8 @@ def test_compare_bad_input_is_one_line(tmp_path):
 
 # --- openllm-edu eval ---------------------------------------------------------------------------------------
 
-EVAL_KEYS = {"checkpoint", "tokenizer", "profile", "limit", "batch_size", "openllm_edu", "torch", "device", "tasks"}
+EVAL_KEYS = {"checkpoint", "tokenizer", "profile", "limit", "batch_size", "openllm_edu", "torch", "device", "tasks",
+             "languages"}
 TASK_KEYS = {"task", "n", "accuracy", "accuracy_norm", "chance", "interval", "kind", "source", "fingerprint", "version",
              "seconds"}
 
@@ -576,6 +577,47 @@ def test_eval_a_run_folder_prints_a_table_and_writes_beside_its_model(trained_ru
     assert [row.split()[:2] for row in rows] == [["lastword", "3"], ["t", "3"]]
     report = json.loads((copy / "model" / "eval.json").read_text())
     assert [f"{entry['accuracy']:.3f}" for entry in report["tasks"]] == [row.split()[2] for row in rows]
+
+
+def test_eval_corpus_reports_held_out_bits_per_byte_per_language(course_checkpoint, tmp_path, monkeypatch):
+    "The per-language rows are `bits_per_byte_by_language` on the held-out documents `data prepare` would keep aside."
+    import warnings
+
+    from openllm_edu.data import hash_split
+    from openllm_edu.model import load_pretrained
+    from openllm_edu.scoring import bits_per_byte_by_language
+    from openllm_edu.sources import load_corpus
+
+    fortunes = ROOT / "tests" / "fixtures" / "fortunes"
+    done = openllm_edu("eval", "--checkpoint", course_checkpoint, "--task", "cloze", "--limit", 2, "--corpus",
+                       "fortunes-de:1,fortunes-ru:1,shakespeare:1", "--max-bytes", 60_000, "--val-fraction", 0.5,
+                       "--out", tmp_path / "report.json", env={"OPENLLM_EDU_FORTUNES": str(fortunes)})
+    assert done.returncode == 0, done.stderr
+    assert "held-out documents by language:" in done.stdout
+    report = json.loads((tmp_path / "report.json").read_text())
+    model, tokenizer = load_pretrained(course_checkpoint)
+    monkeypatch.setenv("OPENLLM_EDU_FORTUNES", str(fortunes))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*latin1 is not UTF-8")
+        docs, _ = load_corpus("fortunes-de:1,fortunes-ru:1,shakespeare:1", max_bytes=60_000)
+    held_out = hash_split(docs, 0.5)[1]
+    direct = bits_per_byte_by_language(model, tokenizer, held_out)
+    assert [row["language"] for row in report["languages"]] == list(direct) and set(direct) == {"de", "ru", "en"}
+    for row in report["languages"]:
+        expected = direct[row["language"]]
+        assert (row["documents"], row["tokens"], row["bytes"]) == (expected.documents, expected.tokens, expected.bytes)
+        assert row["bits_per_byte"] == pytest.approx(expected.bits_per_byte, rel=1e-6)
+        assert f"{row['bits_per_byte']:.3f}" in done.stdout
+    plain = openllm_edu("eval", "--checkpoint", course_checkpoint, "--task", "cloze", "--limit", 2, "--json",
+                        "--out", tmp_path / "plain.json")
+    assert plain.returncode == 0 and json.loads(plain.stdout)["languages"] is None
+
+
+def test_eval_corpus_without_languages_is_one_line(course_checkpoint, text_folder, tmp_path):
+    done = openllm_edu("eval", "--checkpoint", course_checkpoint, "--task", "cloze", "--limit", 2, "--corpus",
+                       text_folder, "--val-fraction", 0.5, "--out", tmp_path / "r.json")
+    assert_clean_error(done, "carry no language", "--corpus")
+    assert not (tmp_path / "r.json").exists()
 
 
 def test_eval_bad_input_is_one_line(course_checkpoint, saved_model, tmp_path):

@@ -11,7 +11,9 @@ from openllm_edu.core import CourseError
 from openllm_edu.metrics import evaluate_lm
 from openllm_edu.model import GPT, GPTConfig, course_model
 from openllm_edu.scoring import (
+    UNLABELLED,
     Score,
+    bits_per_byte_by_language,
     choose,
     loglikelihood,
     loglikelihood_rolling,
@@ -19,6 +21,7 @@ from openllm_edu.scoring import (
     rolling_windows,
     split_tokens,
 )
+from openllm_edu.sources import Document
 from openllm_edu.tokenizer import CharTokenizer
 
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
@@ -231,3 +234,51 @@ def test_bad_input_is_one_line_course_error(char):
     one_line_error(lambda: rolling_token_logprobs(model, [1]))
     one_line_error(lambda: choose([]))
     one_line_error(lambda: choose([Score(-1.0, (-1.0,), False, 1, 1)], "bytes"))
+
+
+def whole_text_nats(model, tokenizer, text):
+    "-ln p of every token of a short text read after eos, from one forward pass and F.cross_entropy."
+    ids = torch.tensor([[tokenizer.eos_id, *tokenizer.encode(text)]])
+    assert ids.shape[1] <= model.config.block_size + 1
+    with torch.no_grad():
+        logits = model(ids[:, :-1])[0]
+    return F.cross_entropy(logits[0], ids[0, 1:], reduction="sum").item(), ids.shape[1] - 1
+
+
+def test_bits_per_byte_by_language_against_one_forward_pass_per_document(char):
+    model, tokenizer = char
+    docs = [Document("Speak, speak.", "en"), "All:\nSpeak.", Document("Café crème", "fr"),
+            Document("ROMEO:\nBut, soft!", "en"), Document("Γειά σου", "el")]
+    rows = bits_per_byte_by_language(model, tokenizer, docs, batch_size=3)
+    assert list(rows) == ["en", UNLABELLED, "fr", "el"]  # the order languages first appear in
+    expected = {}
+    for doc in docs:
+        nats, tokens = whole_text_nats(model, tokenizer, doc)
+        total = expected.setdefault(getattr(doc, "language", None) or UNLABELLED, [0, 0, 0, 0.0])
+        for i, value in enumerate((1, tokens, len(doc.encode("utf-8")), nats)):
+            total[i] += value
+    for language, (documents, tokens, n_bytes, nats) in expected.items():
+        row = rows[language]
+        assert (row.language, row.documents, row.tokens, row.bytes) == (language, documents, tokens, n_bytes)
+        assert row.nats == pytest.approx(nats, rel=1e-5)
+        assert row.bits_per_byte == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-5)
+    assert rows["el"].bytes == 15  # 7 Greek letters of 2 bytes and a space
+
+
+def test_bits_per_byte_by_language_weighs_documents_by_bytes(char):
+    "A language's number is its total bits over its total bytes, not the mean of its documents' numbers."
+    model, tokenizer = char
+    short, long = Document("All:", "en"), Document("First Citizen:\nBefore we proceed any further.", "en")
+    row = bits_per_byte_by_language(model, tokenizer, [short, long])["en"]
+    one = [bits_per_byte_by_language(model, tokenizer, [doc])["en"] for doc in (short, long)]
+    assert row.nats == pytest.approx(one[0].nats + one[1].nats, rel=1e-6)
+    assert row.bits_per_byte == pytest.approx((one[0].nats + one[1].nats) / math.log(2) / (one[0].bytes + one[1].bytes))
+    assert abs(row.bits_per_byte - (one[0].bits_per_byte + one[1].bits_per_byte) / 2) > 1e-3
+
+
+def test_bits_per_byte_by_language_without_languages_is_empty_and_bad_input_errs(char):
+    model, tokenizer = char
+    assert bits_per_byte_by_language(model, tokenizer, ["Speak, speak.", "All:"]) == {}
+    assert bits_per_byte_by_language(model, tokenizer, []) == {}
+    one_line_error(lambda: bits_per_byte_by_language(model, tokenizer, [Document("", "en")]))
+    one_line_error(lambda: bits_per_byte_by_language(model, tokenizer, [Document("a", "en"), 5]))
