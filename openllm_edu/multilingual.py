@@ -11,7 +11,8 @@ from .sources import document_language
 from .tokenizer import Tokenizer
 
 # %% auto #0
-__all__ = ['documents_by_language', 'text_bytes', 'tokens_per_byte', 'TaxRow', 'tokenizer_tax', 'format_tax_table', 'plot_tax']
+__all__ = ['documents_by_language', 'text_bytes', 'tokens_per_byte', 'TaxRow', 'tokenizer_tax', 'format_tax_table',
+           'grouped_bars', 'plot_tax', 'bits_table', 'plot_bits']
 
 # %% ../nbs/16_multilingual.ipynb #34ceb2ba
 def documents_by_language(docs: Iterable[str]) -> dict[str, list[str]]:
@@ -78,18 +79,46 @@ def format_tax_table(rows: Sequence[TaxRow]) -> str:
     return "\n".join(lines)
 
 # %% ../nbs/16_multilingual.ipynb #05a28155
-def plot_tax(rows: Sequence[TaxRow], ax=None):
-    "A bar chart of tokens per byte: a group of bars per language, a bar per tokenizer."
+def grouped_bars(values: Mapping[tuple[str, str], float], ax=None):
+    "Bars of values[language, name]: a group per language, a bar per name, in the order they first appear."
     import matplotlib.pyplot as plt
     ax = ax or plt.subplots(figsize=(9, 3.5))[1]
-    names = list(dict.fromkeys(row.tokenizer for row in rows))
-    languages = list(dict.fromkeys(row.language for row in rows))
-    cost = {(row.language, row.tokenizer): row.tokens_per_byte for row in rows}
+    names = list(dict.fromkeys(name for _, name in values))
+    languages = list(dict.fromkeys(language for language, _ in values))
     width = 0.8 / len(names)
     for k, name in enumerate(names):
-        ax.bar([i + k * width for i in range(len(languages))], [cost[lang, name] for lang in languages], width,
+        ax.bar([i + k * width for i in range(len(languages))], [values[lang, name] for lang in languages], width,
                label=name)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(languages))], languages)
-    ax.set_ylabel("tokens per byte (lower is cheaper)")
     ax.legend()
+    return ax
+
+
+def plot_tax(rows: Sequence[TaxRow], ax=None):
+    "A bar chart of tokens per byte: a group of bars per language, a bar per tokenizer."
+    ax = grouped_bars({(row.language, row.tokenizer): row.tokens_per_byte for row in rows}, ax)
+    ax.set_ylabel("tokens per byte (lower is cheaper)")
+    return ax
+
+# %% ../nbs/16_multilingual.ipynb #9450220a
+def bits_table(scores: Mapping[str, Mapping[str, object]]) -> str:
+    """Bits per byte as a table, a line per language and a column per model; `scores` maps a model's name to
+    chapter 10's `bits_per_byte_by_language` result (language -> LanguageBits)."""
+    names = list(scores)
+    languages = list(dict.fromkeys(language for by_language in scores.values() for language in by_language))
+    width = max(len(name) for name in names) + 2
+    lines = ["language" + "".join(f"{name:>{width}}" for name in names)]
+    for language in languages:
+        cells = [scores[name][language].bits_per_byte if language in scores[name] else float("nan") for name in names]
+        lines.append(f"{language:<8}" + "".join(f"{value:>{width}.3f}" for value in cells))
+    return "\n".join(lines)
+
+
+def plot_bits(scores: Mapping[str, Mapping[str, object]], ax=None):
+    "A bar chart of held-out bits per byte: a group of bars per language, a bar per model."
+    values = {(language, name): row.bits_per_byte for name, by_language in scores.items()
+              for language, row in by_language.items()}
+    ax = grouped_bars(values, ax)
+    ax.set_ylabel("held-out bits per byte (lower is better)")
+    ax.axhline(8, color="gray", linestyle=":", linewidth=1)  # a uniform guess over the 256 byte values
     return ax
