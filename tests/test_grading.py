@@ -724,6 +724,18 @@ def tokens_per_forward(model, prompts, new_tokens, max_batch):
         steps += 1  # counts steps: a step's prefills are forward passes too
     return sum(s.completion_tokens for s in streams), steps
 """),
+    "16_multilingual": ("english_tax", """
+def english_tax(documents, vocab_size):
+    english = FastBPETokenizer().train([d for d in documents if document_language(d) == "en"], vocab_size)
+    mixed = FastBPETokenizer().train(list(documents), vocab_size)
+    costs = {}
+    for language in dict.fromkeys(document_language(d) for d in documents):
+        docs = [d for d in documents if document_language(d) == language]
+        chars = sum(len(d) for d in docs)  # per character, not per UTF-8 byte
+        english_cost, mixed_cost = (sum(len(t.encode(d)) for d in docs) / chars for t in (english, mixed))
+        costs[language] = {"english": english_cost, "mixed": mixed_cost, "tax": english_cost / mixed_cost}
+    return costs
+"""),
 }
 
 
