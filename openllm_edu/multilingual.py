@@ -80,14 +80,14 @@ def format_tax_table(rows: Sequence[TaxRow]) -> str:
 
 # %% ../nbs/16_multilingual.ipynb #05a28155
 def grouped_bars(values: Mapping[tuple[str, str], float], ax=None):
-    "Bars of values[language, name]: a group per language, a bar per name, in the order they first appear."
+    "Bars of values[language, name]: a group per language, a bar per name, in the order they first appear (none where a pair is missing)."
     import matplotlib.pyplot as plt
     ax = ax or plt.subplots(figsize=(9, 3.5))[1]
     names = list(dict.fromkeys(name for _, name in values))
     languages = list(dict.fromkeys(language for language, _ in values))
     width = 0.8 / len(names)
     for k, name in enumerate(names):
-        ax.bar([i + k * width for i in range(len(languages))], [values[lang, name] for lang in languages], width,
+        ax.bar([i + k * width for i in range(len(languages))], [values.get((lang, name), float("nan")) for lang in languages], width,
                label=name)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(languages))], languages)
     ax.legend()

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 
 from openllm_edu.core import CourseError
@@ -69,3 +71,22 @@ def test_the_mixed_bpe_pays_less_tax_on_russian_and_chinese():
     for lang in ("ru", "zh"):
         assert cost[lang, "mixed"] < 0.85 * cost[lang, "english"], lang
     assert cost["en", "english"] < cost["en", "mixed"]  # the price of sharing the vocabulary
+
+
+def test_bits_table_and_plot_bits_from_hand_made_scores():
+    from openllm_edu.multilingual import bits_table, plot_bits
+    from openllm_edu.scoring import LanguageBits
+
+    ln2 = math.log(2)
+    scores = {"english model": {"en": LanguageBits("en", 2, 30, 100, 200 * ln2),  # 2.0 bits per byte
+                                "ru": LanguageBits("ru", 1, 50, 50, 600 * ln2)},  # 12.0
+              "mixed model": {"ru": LanguageBits("ru", 1, 20, 50, 150 * ln2),  # 3.0
+                              "en": LanguageBits("en", 2, 40, 100, 250 * ln2)}}  # 2.5
+    header, en, ru = bits_table(scores).splitlines()
+    assert header.split() == ["language", "english", "model", "mixed", "model"]
+    assert en.split() == ["en", "2.000", "2.500"] and ru.split() == ["ru", "12.000", "3.000"]
+    scores["mixed model"].pop("en")
+    assert bits_table(scores).splitlines()[1].split() == ["en", "2.000", "nan"]  # a language a model was not scored on
+    ax = plot_bits({"english model": scores["english model"]})
+    assert [bar.get_height() for bar in ax.patches] == pytest.approx([2.0, 12.0])
+    assert [tick.get_text() for tick in ax.get_xticklabels()] == ["en", "ru"]
