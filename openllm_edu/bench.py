@@ -27,19 +27,21 @@ __all__ = ['DTYPES', 'COMPILED', 'BENCH_VARIANTS', 'TRAINER_OVERHEAD_TARGET', 'S
            'LORA_TRAIN_BYTES_TARGET', 'LORA_PEAK_TARGET', 'QUANT_INT8_DELTA_TARGET', 'QUANT_INT4_DELTA_TARGET',
            'QUANT_INT8_BYTES_TARGET', 'QUANT_GENERATE_TARGET', 'EXPORT_GENERATE_TARGET', 'SERVE_SPEEDUP_TARGET',
            'SERVE_PROMPTS', 'time_calls', 'time_interleaved', 'Timing', 'matmul_flops', 'time_matmul',
-           'measure_matmul_peak', 'model_flops_utilization', 'reuse_freed_memory', 'variant_settings', 'bench_variants',
+           'measure_matmul_peak', 'cpu_description', 'matmul_name', 'time_linear', 'linear_shapes', 'time_shapes',
+           'model_flops_utilization', 'reuse_freed_memory', 'variant_settings', 'bench_variants',
            'precision_dtype_name', 'precision_dtype', 'bench_config', 'bench_gpt', 'make_train_step', 'build_bare_step',
-           'time_training_steps', 'step_timing', 'bench_train_step', 'bench_generation', 'fastest_matmuls', 'use_peaks',
-           'bench_model', 'kv_cache_speedup', 'timing_table', 'format_model_bench', 'synthetic_train_data',
-           'trainer_precision', 'build_trainer_step', 'bench_trainer_step', 'bench_train', 'trainer_overhead',
-           'format_train_bench', 'scoring_rows', 'build_eval_pair', 'bench_eval', 'scoring_ratio', 'format_eval_bench',
-           'bench_data_parallel', 'format_data_parallel_bench', 'finetune_model', 'grad_bytes', 'state_bytes',
-           'count_step_bytes', 'FinetuneRow', 'finetune_step', 'check_finetune_settings', 'bench_finetune',
-           'finetune_ratios', 'format_finetune_bench', 'quantize_timers', 'torchao_methods', 'bench_quantize',
-           'quantize_targets', 'format_quantize_bench', 'export_timers', 'bench_export', 'export_ratios',
-           'format_export_bench', 'percentile', 'RequestRecord', 'read_events', 'completion_body', 'stream_completion',
-           'run_clients', 'ServeRow', 'served', 'serve_max_tokens', 'check_serve_settings', 'bench_serve',
-           'serve_speedup', 'format_serve_bench']
+           'time_training_steps', 'step_timing', 'bench_train_step', 'bench_generation', 'fastest_matmuls',
+           'bench_shapes', 'use_peaks', 'bench_model', 'kv_cache_speedup', 'timing_table', 'format_model_bench',
+           'bench_peak', 'format_peak_bench', 'synthetic_train_data', 'trainer_precision', 'build_trainer_step',
+           'bench_trainer_step', 'bench_train', 'trainer_overhead', 'format_train_bench', 'scoring_rows',
+           'build_eval_pair', 'bench_eval', 'scoring_ratio', 'format_eval_bench', 'bench_data_parallel',
+           'format_data_parallel_bench', 'finetune_model', 'grad_bytes', 'state_bytes', 'count_step_bytes',
+           'FinetuneRow', 'finetune_step', 'check_finetune_settings', 'bench_finetune', 'finetune_ratios',
+           'format_finetune_bench', 'quantize_timers', 'torchao_methods', 'bench_quantize', 'quantize_targets',
+           'format_quantize_bench', 'export_timers', 'bench_export', 'export_ratios', 'format_export_bench',
+           'percentile', 'RequestRecord', 'read_events', 'completion_body', 'stream_completion', 'run_clients',
+           'ServeRow', 'served', 'serve_max_tokens', 'check_serve_settings', 'bench_serve', 'serve_speedup',
+           'format_serve_bench']
 
 # %% ../nbs/96_benchmarks.ipynb #0f62f793
 def _check_repeats(repeats: int, warmup: int) -> None:
@@ -141,6 +143,61 @@ def measure_matmul_peak(dtype: torch.dtype = torch.float32, sizes: Sequence[int]
                         repeats: int = 5, warmup: int = 2, device: str = "cpu") -> float:
     "The machine's matmul peak in GFLOP/s: the best of `repeats` n×n products for each n in `sizes`."
     return max(time_matmul(dtype, n, repeats, warmup, device).gflops for n in sizes)
+
+# %% ../nbs/96_benchmarks.ipynb #0344acf8
+def cpu_description() -> str:
+    """The processor as the OS names it, with the family and model numbers that tell apart generations sold under
+    one name, and whether it has bf16 matrix instructions (AVX-512 BF16, AMX): they decide its bf16 peak."""
+    import platform
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux
+        return platform.processor() or platform.machine()
+    info = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    flags = set(info.get("flags", "").split())
+    bf16 = [name for name in ("amx_bf16", "avx512_bf16") if name in flags] or ["no bf16 instructions"]
+    return (f"{info.get('model name', platform.machine())}, family {info.get('cpu family', '?')} "
+            f"model {info.get('model', '?')}, {bf16[0]}")
+
+
+def matmul_name(m: int, k: int, n: int) -> str:
+    return f"matmul {n}x{n}" if m == k == n else f"matmul {m}x{k}x{n}"
+
+
+def time_linear(dtype: torch.dtype, m: int, k: int, n: int, repeats: int = 5, warmup: int = 2,
+                device: str = "cpu") -> Timing:
+    "Timings of F.linear on an (m, k) input and an (n, k) weight in `dtype`: a Linear layer's product, autocast's call."
+    x = torch.randn(m, k, device=device).to(dtype)
+    w = torch.randn(n, k, device=device).to(dtype)
+
+    def product():
+        torch.nn.functional.linear(x, w)
+        _synchronize(device)
+
+    name = next((key for key, value in DTYPES.items() if value == dtype), str(dtype).removeprefix("torch."))
+    return Timing(matmul_name(m, k, n), name, time_calls(product, repeats, warmup), flops=matmul_flops(m, k, n))
+
+
+def linear_shapes(model: torch.nn.Module, tokens: int) -> list[tuple[int, int, int]]:
+    "The distinct (m, k, n) products of the model's Linear layers when it reads `tokens` tokens at once."
+    layers = (m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return list(dict.fromkeys((tokens, layer.in_features, layer.out_features) for layer in layers))
+
+
+def time_shapes(dtype: torch.dtype, shapes: Sequence[tuple[int, int, int]], rounds: int = 3, repeats: int = 5,
+                warmup: int = 2, device: str = "cpu") -> list[Timing]:
+    """One Timing per (m, k, n) shape whose `seconds` are its best call in each of `rounds` rounds. The shapes take
+    turns, so a busy moment costs one shape one round; the spread of the rounds says how well the number repeats."""
+    _check_repeats(rounds, 0)
+    best = {shape: [] for shape in shapes}
+    for _ in range(rounds):
+        for shape in shapes:
+            best[shape].append(time_linear(dtype, *shape, repeats, warmup, device).best)
+    name = next((key for key, value in DTYPES.items() if value == dtype), str(dtype).removeprefix("torch."))
+    return [Timing(matmul_name(*shape), name, seconds, flops=matmul_flops(*shape)) for shape, seconds in best.items()]
 
 # %% ../nbs/96_benchmarks.ipynb #99185ddf
 def model_flops_utilization(flops_per_token: float, tokens_per_s: float, peak_gflops: float) -> float:
@@ -281,17 +338,28 @@ def bench_generation(preset: str = "small", new_tokens: int = 256, use_cache: bo
 
 # %% ../nbs/96_benchmarks.ipynb #90724a7b
 def fastest_matmuls(sizes: Sequence[int] = (1024, 2048), device: str = "cpu",
-                    best_so_far: dict[str, Timing] | None = None) -> dict[str, Timing]:
-    """The fastest n×n matmul over `sizes` in each dtype of DTYPES: the peaks of a benchmark. Given the peaks
-    measured earlier in the run, keeps the faster of old and new: a busy moment must not lower the yardstick
-    (which would make every MFU look too good)."""
+                    best_so_far: dict[str, Timing] | None = None, shapes: Sequence[tuple[int, int, int]] = (),
+                    rounds: int = 3) -> dict[str, Timing]:
+    """The fastest product in each dtype of DTYPES, over n×n squares for n in `sizes` and the (m, k, n) `shapes`
+    (a model's own, `linear_shapes`), each timed in `rounds` rounds (`time_shapes`): the peaks of a benchmark.
+    Given the peaks measured earlier in the run, keeps the faster of old and new: a busy moment must not lower
+    the yardstick (which would make every MFU look too good)."""
+    everything = list(dict.fromkeys([(n, n, n) for n in sizes] + list(shapes)))
     peaks = {}
     for name, dtype in DTYPES.items():
-        candidates = [time_matmul(dtype, n, device=device) for n in sizes]
+        candidates = time_shapes(dtype, everything, rounds, device=device)
         if best_so_far is not None:
             candidates.append(best_so_far[name])
         peaks[name] = max(candidates, key=lambda t: t.gflops)
     return peaks
+
+
+def bench_shapes(preset: str, block_size: int, batch_size: int) -> list[tuple[int, int, int]]:
+    "The Linear products of GPT(preset) on batch_size × block_size tokens: the model's own shapes for the peak."
+    from openllm_edu.model import GPT
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        model = GPT(bench_config(preset, block_size))
+    return linear_shapes(model, batch_size * block_size)
 
 
 def use_peaks(rows: Sequence[Timing], peaks: dict[str, Timing]) -> None:
@@ -311,11 +379,11 @@ def bench_model(preset: str = "small", block_size: int = 256, batch_size: int = 
         variant_settings(precision)
     if reuse_memory:
         reuse_freed_memory()
-    peaks = fastest_matmuls(matmul_sizes, device)
+    peaks = fastest_matmuls(matmul_sizes, device, shapes=bench_shapes(preset, block_size, batch_size))
     steps_timed = [bench_train_step(preset, block_size, batch_size, precision, steps, warmup,
                                     peaks[precision_dtype_name(precision)].gflops, device, seed)
                    for precision in precisions]
-    peaks = fastest_matmuls(matmul_sizes, device, best_so_far=peaks)  # again after the steps, keeping the best
+    peaks = fastest_matmuls(matmul_sizes, device, best_so_far=peaks, rounds=1)  # again after the steps, keeping the best
     use_peaks(steps_timed, peaks)
     rows = list(peaks.values()) + steps_timed
     if new_tokens:
@@ -334,7 +402,8 @@ def kv_cache_speedup(rows: Sequence[Timing]) -> float | None:
 def timing_table(rows: Sequence[Timing], extra_header: str = "",
                  extra: Callable[[Timing], str] = lambda row: "") -> list[str]:
     "The lines of a benchmark table: a title, the header and one line per row; `extra` adds columns on the right."
-    lines = [f"torch {torch.__version__}, {torch.get_num_threads()} threads; rates use the best repeat",
+    lines = [f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_description()}; rates use the best "
+             "repeat",
              f"{'what':34} {'precision':12} {'first s':>8} {'best s':>8} {'median s':>9} {'spread':>7} "
              f"{'tokens/s':>9} {'GFLOP/s':>8} {'MFU':>6} {extra_header}".rstrip()]
     for r in rows:
@@ -353,6 +422,24 @@ def format_model_bench(rows: Sequence[Timing]) -> str:
     speedup = kv_cache_speedup(rows)
     if speedup is not None:
         lines.append(f"KV cache: generation {speedup:.1f}x faster")
+    return "\n".join(lines)
+
+# %% ../nbs/96_benchmarks.ipynb #81c4a842
+def bench_peak(preset: str = "small", block_size: int = 256, batch_size: int = 8, rounds: int = 5,
+               sizes: Sequence[int] = (1024, 2048), device: str = "cpu") -> list[Timing]:
+    "Every shape of the yardstick in both dtypes (squares, then GPT(preset)'s own products), `rounds` rounds each."
+    shapes = list(dict.fromkeys([(n, n, n) for n in sizes] + bench_shapes(preset, block_size, batch_size)))
+    return [t for dtype in DTYPES.values() for t in time_shapes(dtype, shapes, rounds, device=device)]
+
+
+def format_peak_bench(rows: Sequence[Timing]) -> str:
+    "The shapes as a table (spread: how far the rounds' bests disagree), then each dtype's peak and its spread."
+    lines = timing_table(rows)
+    for name in DTYPES:
+        best = max((r for r in rows if r.precision == name), key=lambda r: r.gflops, default=None)
+        if best is not None:
+            lines.append(f"{name} peak: {best.gflops:.1f} GFLOP/s ({best.what}); its {len(best.seconds)} rounds "
+                         f"within {best.spread:.1%}")
     return "\n".join(lines)
 
 # %% ../nbs/96_benchmarks.ipynb #5f64eafc
@@ -417,7 +504,7 @@ def bench_train(preset: str = "small", block_size: int = 256, batch_size: int = 
         variant_settings(precision)
     if reuse_memory:
         reuse_freed_memory()
-    peaks = fastest_matmuls(matmul_sizes, device)
+    peaks = fastest_matmuls(matmul_sizes, device, shapes=bench_shapes(preset, block_size, batch_size))
     steps_timed = []
     with tempfile.TemporaryDirectory() as out_dir:
         for precision in precisions:
@@ -428,7 +515,7 @@ def bench_train(preset: str = "small", block_size: int = 256, batch_size: int = 
                 steps_timed.append(step_timing(what, preset, block_size, batch_size, precision, first, seconds,
                                                peaks[precision_dtype_name(precision)].gflops, device))
             del bare, trainer  # free both models before building the next two
-    peaks = fastest_matmuls(matmul_sizes, device, best_so_far=peaks)
+    peaks = fastest_matmuls(matmul_sizes, device, best_so_far=peaks, rounds=1)
     use_peaks(steps_timed, peaks)
     return list(peaks.values()) + steps_timed
 

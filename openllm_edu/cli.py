@@ -19,13 +19,14 @@ from .train_commands import add_train_commands, cmd_run, cmd_train, launch_failu
 # %% auto #0
 __all__ = ['EVAL_REPORT_KEYS', 'FULL_FINETUNE_LR', 'LORA_LR', 'API_KEY_ENV', 'QUANTIZE_METHODS', 'EXPORT_FORMATS', 'CLI_WORKER',
            'HANDLERS', 'build_parser', 'cmd_doctor', 'cmd_tokenizer_train', 'cmd_data_prepare', 'cmd_bench_tokenizer',
-           'cmd_bench_model', 'cmd_bench_train', 'cmd_bench_distributed', 'cmd_bench_eval', 'cmd_bench_finetune',
-           'saved_model_folder', 'load_saved_model', 'cmd_generate', 'cmd_compare', 'cmd_instructor_release',
-           'cmd_grade', 'task_entry', 'eval_report', 'format_eval_report', 'held_out_languages', 'cmd_eval',
-           'lora_parts', 'cmd_finetune', 'load_chat_checkpoint', 'typed_messages', 'cmd_chat', 'server_events',
-           'chat_with_server', 'check_port_free', 'cmd_serve', 'cmd_bench_serve', 'check_quantize_out',
-           'save_quantized_folder', 'cmd_quantize', 'cmd_bench_quantize', 'cmd_bench_export', 'exported_logits',
-           'check_export', 'refuse_quantized_export', 'cmd_export', 'cli_program', 'cmd_launch', 'main']
+           'cmd_bench_model', 'cmd_bench_train', 'cmd_bench_distributed', 'cmd_bench_peak', 'cmd_bench_profile',
+           'cmd_bench_eval', 'cmd_bench_finetune', 'saved_model_folder', 'load_saved_model', 'cmd_generate',
+           'cmd_compare', 'cmd_instructor_release', 'cmd_grade', 'task_entry', 'eval_report', 'format_eval_report',
+           'held_out_languages', 'cmd_eval', 'lora_parts', 'cmd_finetune', 'load_chat_checkpoint', 'typed_messages',
+           'cmd_chat', 'server_events', 'chat_with_server', 'check_port_free', 'cmd_serve', 'cmd_bench_serve',
+           'check_quantize_out', 'save_quantized_folder', 'cmd_quantize', 'cmd_bench_quantize', 'cmd_bench_export',
+           'exported_logits', 'check_export', 'refuse_quantized_export', 'cmd_export', 'cli_program', 'cmd_launch',
+           'main']
 
 # %% ../nbs/98_cli.ipynb #2a6ba9f3
 def _add_corpus(parser: argparse.ArgumentParser, flag: str, help_verb: str, required: bool = True) -> None:
@@ -108,6 +109,20 @@ def _add_bench_commands(commands) -> None:
     bench_eval.add_argument("--block", type=int, default=256, help="sequence length (default: 256)")
     bench_eval.add_argument("--batch", type=int, default=8, help="rows in the batch (default: 8)")
     bench_eval.add_argument("--repeats", type=int, default=5, help="timed calls of each, in turns (default: 5)")
+
+    bench_peak = bench.add_parser("peak", help="the matmul peak MFU is measured against: squares and the model's shapes")
+    bench_peak.add_argument("--preset", default="small", help="GPTConfig preset whose shapes are timed (default: small)")
+    bench_peak.add_argument("--block", type=int, default=256, help="sequence length (default: 256)")
+    bench_peak.add_argument("--batch", type=int, default=8, help="rows in the batch (default: 8)")
+    bench_peak.add_argument("--rounds", type=int, default=5, help="rounds of every shape, in turns (default: 5)")
+
+    bench_prof = bench.add_parser("profile", help="where a training step's time goes, by category, per variant")
+    bench_prof.add_argument("--preset", default="small", help="GPTConfig preset (default: small)")
+    bench_prof.add_argument("--block", type=int, default=256, help="sequence length (default: 256)")
+    bench_prof.add_argument("--batch", type=int, default=8, help="rows in the batch (default: 8)")
+    bench_prof.add_argument("--variants", nargs="+", default=["bf16", "bf16-compile"],
+                            help="fp32, bf16 and/or bf16-compile (default: bf16 bf16-compile)")
+    bench_prof.add_argument("--steps", type=int, default=3, help="steps timed, then profiled (default: 3)")
 
     bench_ft = bench.add_parser("finetune", help="memory and step time of LoRA against full fine-tuning")
     bench_ft.add_argument("--preset", default="small", help="GPTConfig preset (default: small)")
@@ -373,6 +388,26 @@ def cmd_bench_distributed(args) -> int:
     print(f"{available_cores()} CPU cores, preset {args.preset}, block {args.block}, batch {args.batch} per process, "
           "fp32, AdamW")
     print(format_data_parallel_bench(rows))
+    return 0
+
+
+def cmd_bench_peak(args) -> int:
+    from openllm_edu.bench import bench_peak, format_peak_bench
+
+    for flag, value in (("--block", args.block), ("--batch", args.batch), ("--rounds", args.rounds)):
+        if value < 1:
+            raise CourseError(f"{flag} {value}: give a whole number of at least 1.")
+    print(format_peak_bench(bench_peak(args.preset, args.block, args.batch, args.rounds)))
+    return 0
+
+
+def cmd_bench_profile(args) -> int:
+    from openllm_edu.step_profile import bench_profile, format_step_profile
+
+    for flag, value in (("--block", args.block), ("--batch", args.batch), ("--steps", args.steps)):
+        if value < 1:
+            raise CourseError(f"{flag} {value}: give a whole number of at least 1.")
+    print(format_step_profile(bench_profile(args.preset, args.block, args.batch, args.variants, args.steps)))
     return 0
 
 
@@ -990,7 +1025,7 @@ HANDLERS = {
     ("data", "prepare"): cmd_data_prepare,
     ("tokenizer", "train"): cmd_tokenizer_train, ("bench", "tokenizer"): cmd_bench_tokenizer,
     ("bench", "model"): cmd_bench_model, ("bench", "train"): cmd_bench_train,
-    ("bench", "distributed"): cmd_bench_distributed, ("bench", "eval"): cmd_bench_eval,
+    ("bench", "distributed"): cmd_bench_distributed, ("bench", "eval"): cmd_bench_eval, ("bench", "peak"): cmd_bench_peak, ("bench", "profile"): cmd_bench_profile,
     ("bench", "finetune"): cmd_bench_finetune, ("bench", "quantize"): cmd_bench_quantize,
     ("bench", "export"): cmd_bench_export, ("bench", "serve"): cmd_bench_serve,
     ("generate", None): cmd_generate, ("eval", None): cmd_eval,

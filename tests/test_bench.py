@@ -23,6 +23,8 @@ from openllm_edu.bench import (
     bench_generation,
     bench_gpt,
     bench_model,
+    bench_peak,
+    bench_shapes,
     bench_train,
     bench_train_step,
     bench_trainer_step,
@@ -30,14 +32,17 @@ from openllm_edu.bench import (
     build_eval_pair,
     build_trainer_step,
     count_step_bytes,
+    cpu_description,
     fastest_matmuls,
     finetune_model,
     finetune_ratios,
     format_eval_bench,
     format_finetune_bench,
     format_model_bench,
+    format_peak_bench,
     format_train_bench,
     kv_cache_speedup,
+    linear_shapes,
     make_train_step,
     matmul_flops,
     measure_matmul_peak,
@@ -50,12 +55,13 @@ from openllm_edu.bench import (
     time_calls,
     time_interleaved,
     time_matmul,
+    time_shapes,
     trainer_overhead,
     trainer_precision,
     variant_settings,
 )
 from openllm_edu.core import PRECISIONS, CourseError
-from openllm_edu.model import GPTConfig, flops_per_token
+from openllm_edu.model import GPT, GPTConfig, flops_per_token
 
 CLI_MAIN = "import sys; from openllm_edu.cli import main; sys.exit(main(sys.argv[1:]))"
 
@@ -669,3 +675,67 @@ def test_bench_serve_cli_rejects_bad_flags_in_one_line(flags, words):
     message = done.stderr.strip()
     assert message.startswith("error:") and len(message.splitlines()) == 1, message
     assert all(word in message for word in words), message
+
+
+def test_linear_shapes_are_the_models_products_listed_by_hand():
+    config = GPTConfig.preset("tiny", vocab_size=300)
+    c, tokens = config.n_embd, 2 * 16
+    expected = [(tokens, c, 3 * c), (tokens, c, c), (tokens, c, 4 * c), (tokens, 4 * c, c), (tokens, c, 300)]
+    assert linear_shapes(GPT(config), tokens) == expected  # distinct, in module order; tied head counted once
+    assert bench_shapes("tiny", 16, 2) == linear_shapes(bench_gpt("tiny", 16), 32)  # the meta device: same shapes
+
+
+def test_time_shapes_gives_a_best_per_round_and_the_flops_of_each_shape():
+    rows = time_shapes(torch.float32, [(8, 16, 32), (32, 32, 32)], rounds=3, repeats=2, warmup=1)
+    assert [r.what for r in rows] == ["matmul 8x16x32", "matmul 32x32"]
+    assert [r.flops for r in rows] == [2 * 8 * 16 * 32, 2 * 32**3] and all(len(r.seconds) == 3 for r in rows)
+    assert all(r.precision == "fp32" and r.best > 0 for r in rows)
+    with pytest.raises(CourseError):
+        time_shapes(torch.float32, [(8, 8, 8)], rounds=0)
+    rows = bench_peak("tiny", 16, 2, rounds=1, sizes=(8,))
+    shapes = ["matmul 8x8"] + [f"matmul {m}x{k}x{n}" for m, k, n in bench_shapes("tiny", 16, 2)]
+    assert [(r.what, r.precision) for r in rows] == [(w, p) for p in ("fp32", "bf16") for w in shapes]
+
+
+def test_fastest_matmuls_takes_the_model_shapes_as_candidates():
+    shapes = [(64, 16, 8), (64, 32, 16)]
+    peaks = fastest_matmuls((8,), shapes=shapes, rounds=2)
+    names = {"matmul 8x8", "matmul 64x16x8", "matmul 64x32x16"}
+    assert all(p.what in names and len(p.seconds) == 2 for p in peaks.values())
+    assert [p.precision for p in peaks.values()] == ["fp32", "bf16"]
+
+
+def test_format_peak_bench_by_hand():
+    rows = [Timing("matmul 1024x1024", "fp32", [0.01, 0.0105], flops=2e9),  # 200 GFLOP/s, rounds within 5%
+            Timing("matmul 2048x512x32000", "fp32", [0.5], flops=2 * 2048 * 512 * 32000),  # 134.2
+            Timing("matmul 1024x1024", "bf16", [0.004, 0.005], flops=2e9)]  # 500
+    lines = format_peak_bench(rows).splitlines()
+    assert "threads" in lines[0] and cpu_description() in lines[0]
+    assert lines[-2:] == ["fp32 peak: 200.0 GFLOP/s (matmul 1024x1024); its 2 rounds within 5.0%",
+                          "bf16 peak: 500.0 GFLOP/s (matmul 1024x1024); its 2 rounds within 25.0%"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/cpuinfo")
+def test_cpu_description_names_family_and_model_from_cpuinfo():
+    info = {}
+    for line in open("/proc/cpuinfo").read().splitlines():
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    described = cpu_description()
+    if "cpu family" in info:
+        assert f"family {info['cpu family']} model {info['model']}" in described
+    if "model name" in info:
+        assert described.startswith(info["model name"])
+
+
+def test_bench_peak_cli_on_tiny_and_bad_flags():
+    done = subprocess.run([sys.executable, "-c", CLI_MAIN, "bench", "peak", "--preset", "tiny", "--block", "16",
+                           "--batch", "2", "--rounds", "2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    shapes = 2 + len(bench_shapes("tiny", 16, 2))  # 1024² and 2048², then the model's
+    assert len(lines) == 2 + 2 * shapes + 2 and lines[-2].startswith("fp32 peak:") and lines[-1].startswith("bf16 peak:")
+    assert "its 2 rounds within" in lines[-1]
+    bad = subprocess.run([sys.executable, "-c", CLI_MAIN, "bench", "peak", "--rounds", "0"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "--rounds" in bad.stderr
