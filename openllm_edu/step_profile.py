@@ -120,6 +120,6 @@ def format_step_profile(profiles: Sequence[StepProfile], top: int = 6) -> str:
     lines.append(f"{'timed step (no profiler)':36}" + "".join(f"{p.step_seconds * 1e3:10.1f}{'':10}" for p in profiles))
     for p in profiles:
         lines.append(f"\n{p.variant}: the {top} largest operations")
-        lines += [f"  {op.name[:48]:48} {op.seconds * 1e3:9.1f} ms {op.calls:6.0f} calls  {op.category}"
+        lines += [f"  {op.name[:60]:60} {op.seconds * 1e3:9.1f} ms {op.calls:6.0f} calls  {op.category}"
                   for op in p.ops[:top]]
     return "\n".join(lines)

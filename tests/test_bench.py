@@ -277,16 +277,19 @@ def test_bench_train_on_tiny():
     assert [(r.what, r.precision) for r in rows] == [
         (rows[0].what, "fp32"), (rows[1].what, "bf16"),
         ("train tiny 2x32", "fp32"), ("Trainer.train_step tiny 2x32", "fp32"),
-        ("train tiny 2x32", "bf16"), ("Trainer.train_step tiny 2x32", "bf16")]
+        ("train tiny 2x32", "bf16"), ("Trainer.train_step tiny 2x32", "bf16"), ("seed-style train tiny 2x32", "fp32")]
     assert rows[0].what.startswith("matmul") and rows[1].what.startswith("matmul")
     assert all(len(r.seconds) == 2 and r.tokens == 64 and r.flops == rows[2].flops for r in rows[2:])
-    assert [r.peak_gflops for r in rows[2:]] == [rows[0].gflops] * 2 + [rows[1].gflops] * 2  # this run's peaks
+    assert [r.peak_gflops for r in rows[2:]] == [rows[0].gflops] * 2 + [rows[1].gflops] * 2 + [rows[0].gflops]
     overhead = trainer_overhead(rows)  # its arithmetic is checked by hand in test_format_train_bench_by_hand
     assert sorted(overhead) == ["bf16", "fp32"]
     for precision, bare, trainer in (("fp32", rows[2], rows[3]), ("bf16", rows[4], rows[5])):
         assert (overhead[precision] > 0) == (trainer.best > bare.best)  # a slower Trainer step is a positive cost
     lines = format_train_bench(rows).splitlines()
-    assert len(lines) == 2 + len(rows) + 1 and lines[-1].startswith("target:")
+    assert len(lines) == 2 + len(rows) + 2 and lines[-2].startswith("target:")
+    fastest, ratio = min(rows[3::2][:2], key=lambda r: r.best), rows[-1].best / min(r.best for r in rows[3::2][:2])
+    assert lines[-1].startswith("against the seed-style step") and f"the {fastest.precision} Trainer step is " \
+        f"{ratio:.2f}x faster" in lines[-1]
     assert lines[1].split()[-4:] == ["MFU", "vs", "bare", "target"]
     for line, precision in ((lines[5], "fp32"), (lines[7], "bf16")):
         verdict = "met" if overhead[precision] <= TRAINER_OVERHEAD_TARGET else "not met"
@@ -739,3 +742,35 @@ def test_bench_peak_cli_on_tiny_and_bad_flags():
     bad = subprocess.run([sys.executable, "-c", CLI_MAIN, "bench", "peak", "--rounds", "0"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "--rounds" in bad.stderr
+
+
+def test_seed_step_is_the_v01_recipe_and_matches_the_bare_model_loss():
+    "Hand-written attention, checkpointed blocks and the unfused AdamW change the speed, not the numbers."
+    from openllm_edu import attention
+    from openllm_edu.bench import build_seed_step, hand_written_attention, seed_speedup
+
+    q, k, v = torch.randn(3, 2, 4, 16, 8).unbind(0)
+    with hand_written_attention():
+        written = attention.fused_causal_attention(q, k, v)
+        windowed = attention.fused_causal_attention(q, k, v, window=4)  # the seed had no window: SDPA's path
+    assert torch.allclose(written, torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
+                          atol=1e-5)
+    assert attention.fused_causal_attention.__name__ == "fused_causal_attention"
+    assert torch.equal(windowed, attention.fused_causal_attention(q, k, v, window=4))
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    reference = bench_gpt("tiny", 16)
+    torch.manual_seed(0)
+    checkpointed = GPT(replace(bench_config("tiny", 16), gradient_checkpointing=True)).train()
+    x, y = torch.randint(0, reference.config.vocab_size, (2, 2, 16))
+    with hand_written_attention():
+        loss = checkpointed(x, y)[1]
+        loss.backward()  # the recomputed blocks see the same attention
+    assert torch.allclose(loss, reference(x, y)[1], atol=1e-5)  # the same weights from the same seed
+    step = build_seed_step("tiny", 16, 2)
+    step()  # one whole step runs
+    rows = [Timing("Trainer.train_step tiny 2x16", "bf16", [0.5]), Timing("Trainer.train_step tiny 2x16", "fp32", [1.0]),
+            Timing("seed-style train tiny 2x16", "fp32", [3.0])]
+    fastest, ratio = seed_speedup(rows)
+    assert fastest is rows[0] and ratio == 6.0 and seed_speedup(rows[:2]) is None
