@@ -18,15 +18,15 @@ from .train_commands import add_train_commands, cmd_run, cmd_train, launch_failu
 
 # %% auto #0
 __all__ = ['EVAL_REPORT_KEYS', 'FULL_FINETUNE_LR', 'LORA_LR', 'API_KEY_ENV', 'QUANTIZE_METHODS', 'EXPORT_FORMATS', 'CLI_WORKER',
-           'HANDLERS', 'build_parser', 'cmd_doctor', 'cmd_tokenizer_train', 'cmd_data_prepare', 'cmd_bench_tokenizer',
-           'cmd_bench_model', 'cmd_bench_train', 'cmd_bench_distributed', 'cmd_bench_peak', 'cmd_bench_profile',
-           'cmd_bench_eval', 'cmd_bench_finetune', 'saved_model_folder', 'load_saved_model', 'cmd_generate',
-           'cmd_compare', 'cmd_instructor_release', 'cmd_grade', 'task_entry', 'eval_report', 'format_eval_report',
-           'held_out_languages', 'cmd_eval', 'lora_parts', 'cmd_finetune', 'load_chat_checkpoint', 'typed_messages',
-           'cmd_chat', 'server_events', 'chat_with_server', 'check_port_free', 'cmd_serve', 'cmd_bench_serve',
-           'check_quantize_out', 'save_quantized_folder', 'cmd_quantize', 'cmd_bench_quantize', 'cmd_bench_export',
-           'exported_logits', 'check_export', 'refuse_quantized_export', 'cmd_export', 'cli_program', 'cmd_launch',
-           'main']
+           'HANDLERS', 'build_parser', 'cmd_doctor', 'cmd_tokenizer_train', 'cmd_data_prepare', 'check_at_least_one',
+           'cmd_bench_tokenizer', 'cmd_bench_model', 'cmd_bench_train', 'cmd_bench_distributed', 'cmd_bench_peak',
+           'cmd_bench_profile', 'cmd_bench_eval', 'cmd_bench_finetune', 'saved_model_folder', 'load_saved_model',
+           'cmd_generate', 'cmd_compare', 'cmd_instructor_release', 'cmd_grade', 'task_entry', 'eval_report',
+           'format_eval_report', 'held_out_languages', 'cmd_eval', 'lora_parts', 'cmd_finetune', 'load_chat_checkpoint',
+           'typed_messages', 'cmd_chat', 'server_events', 'chat_with_server', 'check_port_free', 'cmd_serve',
+           'cmd_bench_serve', 'check_quantize_out', 'save_quantized_folder', 'cmd_quantize', 'cmd_bench_quantize',
+           'cmd_bench_export', 'exported_logits', 'check_export', 'refuse_quantized_export', 'cmd_export',
+           'cli_program', 'cmd_launch', 'main']
 
 # %% ../nbs/98_cli.ipynb #2a6ba9f3
 def _add_corpus(parser: argparse.ArgumentParser, flag: str, help_verb: str, required: bool = True) -> None:
@@ -74,6 +74,13 @@ def _add_data_commands(commands) -> None:
     train.add_argument("--split-pattern", default="gpt4", help="bpe only: gpt2, gpt4, none, or a regex")
 
 # %% ../nbs/98_cli.ipynb #09088057
+def _add_model_shape(parser, preset: str = "small") -> None:
+    "--preset, --block and --batch: the model and the batch a benchmark times."
+    parser.add_argument("--preset", default=preset, help=f"GPTConfig preset (default: {preset})")
+    parser.add_argument("--block", type=int, default=256, help="sequence length (default: 256)")
+    parser.add_argument("--batch", type=int, default=8, help="rows in the batch (default: 8)")
+
+
 def _add_bench_commands(commands) -> None:
     "`bench tokenizer|model|train|distributed|eval|finetune|quantize|export|serve`."
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
@@ -105,21 +112,15 @@ def _add_bench_commands(commands) -> None:
     bench_dist.add_argument("--steps", type=int, default=10, help="timed steps (default: 10)")
 
     bench_eval = bench.add_parser("eval", help="scoring tokens/s against the training forward's on the same tokens")
-    bench_eval.add_argument("--preset", default="small", help="GPTConfig preset (default: small)")
-    bench_eval.add_argument("--block", type=int, default=256, help="sequence length (default: 256)")
-    bench_eval.add_argument("--batch", type=int, default=8, help="rows in the batch (default: 8)")
+    _add_model_shape(bench_eval)
     bench_eval.add_argument("--repeats", type=int, default=5, help="timed calls of each, in turns (default: 5)")
 
     bench_peak = bench.add_parser("peak", help="the matmul peak MFU is measured against: squares and the model's shapes")
-    bench_peak.add_argument("--preset", default="small", help="GPTConfig preset whose shapes are timed (default: small)")
-    bench_peak.add_argument("--block", type=int, default=256, help="sequence length (default: 256)")
-    bench_peak.add_argument("--batch", type=int, default=8, help="rows in the batch (default: 8)")
+    _add_model_shape(bench_peak)
     bench_peak.add_argument("--rounds", type=int, default=5, help="rounds of every shape, in turns (default: 5)")
 
     bench_prof = bench.add_parser("profile", help="where a training step's time goes, by category, per variant")
-    bench_prof.add_argument("--preset", default="small", help="GPTConfig preset (default: small)")
-    bench_prof.add_argument("--block", type=int, default=256, help="sequence length (default: 256)")
-    bench_prof.add_argument("--batch", type=int, default=8, help="rows in the batch (default: 8)")
+    _add_model_shape(bench_prof)
     bench_prof.add_argument("--variants", nargs="+", default=["bf16", "bf16-compile"],
                             help="fp32, bf16 and/or bf16-compile (default: bf16 bf16-compile)")
     bench_prof.add_argument("--steps", type=int, default=3, help="steps timed, then profiled (default: 3)")
@@ -351,6 +352,14 @@ def cmd_data_prepare(args) -> int:
     return 0
 
 # %% ../nbs/98_cli.ipynb #d25b0c79
+def check_at_least_one(args, *flags: str) -> None:
+    "Each of these flags, when given, is a whole number of at least 1; a one-line error names the first that is not."
+    for flag in flags:
+        value = getattr(args, flag.removeprefix("--").replace("-", "_"))
+        if value is not None and value < 1:
+            raise CourseError(f"{flag} {value}: give a whole number of at least 1.")
+
+
 def cmd_bench_tokenizer(args) -> int:
     from openllm_edu.fast_bpe import bench_tokenizers, format_tokenizer_bench
 
@@ -394,9 +403,7 @@ def cmd_bench_distributed(args) -> int:
 def cmd_bench_peak(args) -> int:
     from openllm_edu.bench import bench_peak, format_peak_bench
 
-    for flag, value in (("--block", args.block), ("--batch", args.batch), ("--rounds", args.rounds)):
-        if value < 1:
-            raise CourseError(f"{flag} {value}: give a whole number of at least 1.")
+    check_at_least_one(args, "--block", "--batch", "--rounds")
     print(format_peak_bench(bench_peak(args.preset, args.block, args.batch, args.rounds)))
     return 0
 
@@ -404,9 +411,7 @@ def cmd_bench_peak(args) -> int:
 def cmd_bench_profile(args) -> int:
     from openllm_edu.step_profile import bench_profile, format_step_profile
 
-    for flag, value in (("--block", args.block), ("--batch", args.batch), ("--steps", args.steps)):
-        if value < 1:
-            raise CourseError(f"{flag} {value}: give a whole number of at least 1.")
+    check_at_least_one(args, "--block", "--batch", "--steps")
     print(format_step_profile(bench_profile(args.preset, args.block, args.batch, args.variants, args.steps)))
     return 0
 
@@ -414,9 +419,7 @@ def cmd_bench_profile(args) -> int:
 def cmd_bench_eval(args) -> int:
     from openllm_edu.bench import bench_eval, format_eval_bench
 
-    for flag, value in (("--block", args.block), ("--batch", args.batch), ("--repeats", args.repeats)):
-        if value < 1:
-            raise CourseError(f"{flag} {value}: give a whole number of at least 1.")
+    check_at_least_one(args, "--block", "--batch", "--repeats")
     print(format_eval_bench(bench_eval(args.preset, args.block, args.batch, args.repeats)))
     return 0
 
@@ -427,9 +430,7 @@ def cmd_bench_finetune(args) -> int:
     from openllm_edu.bench import bench_config, bench_finetune, format_finetune_bench
     from openllm_edu.memory import estimate_memory
 
-    for flag, value in (("--block", args.block), ("--batch", args.batch)):
-        if value < 1:
-            raise CourseError(f"{flag} {value}: give a whole number of at least 1.")
+    check_at_least_one(args, "--block", "--batch")
     rows = bench_finetune(args.preset, args.block, args.batch, args.ranks, args.targets, args.steps)
     estimate = estimate_memory(bench_config(args.preset, args.block), args.batch, args.block, "fp32")
     print(f"preset {args.preset}, batch {args.batch} x {args.block} tokens, fp32, AdamW, LoRA on {args.targets} "
@@ -649,9 +650,7 @@ def lora_parts(rank: int):
 def cmd_finetune(args) -> int:
     from openllm_edu.finetune import FINETUNE_REPORT, finetune_checkpoint, format_finetune_report
 
-    for flag, value in (("--steps", args.steps), ("--limit", args.limit), ("--lora", args.lora)):
-        if value is not None and value < 1:
-            raise CourseError(f"{flag} {value}: give a whole number of at least 1.")
+    check_at_least_one(args, "--steps", "--limit", "--lora")
     if args.lr is not None and not 0 < args.lr < 1:
         raise CourseError(f"--lr {args.lr}: give a learning rate between 0 and 1, e.g. 3e-4.")
     prepare, finish = lora_parts(args.lora) if args.lora else (None, None)
@@ -882,10 +881,7 @@ def cmd_bench_quantize(args) -> int:
     from openllm_edu.model import as_profile
     from openllm_edu.quantize import held_out_text
 
-    for flag, value in (("--new-tokens", args.new_tokens), ("--batch", args.batch), ("--repeats", args.repeats),
-                        ("--block", args.block)):
-        if value < 1:
-            raise CourseError(f"{flag} {value}: give a whole number of at least 1.")
+    check_at_least_one(args, "--new-tokens", "--batch", "--repeats", "--block")
     if args.checkpoint:
         model, tokenizer, folder = load_saved_model(args.checkpoint)
         text, what = held_out_text(as_profile(args.profile)), f"{folder} (bits per byte on the held-out plays)"
