@@ -66,6 +66,19 @@ from openllm_edu.model import GPT, GPTConfig, flops_per_token
 CLI_MAIN = "import sys; from openllm_edu.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    "The command line in a fresh process, as a user runs it."
+    return subprocess.run([sys.executable, "-c", CLI_MAIN, *args], capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess, words) -> None:
+    "Exit status 2 and one line on stderr, naming every word, without a traceback."
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    message = done.stderr.strip()
+    assert message.startswith("error:") and len(message.splitlines()) == 1, message
+    assert all(word in message for word in words), message
+
+
 def test_matmul_flops_counts_a_multiply_and_an_add_per_term():
     assert matmul_flops(1, 1, 1) == 2
     assert matmul_flops(2, 3, 4) == 48
@@ -446,12 +459,7 @@ def test_bench_finetune_on_tiny():
                                           (["--steps", "0"], ["steps"]),
                                           (["--block", "0"], ["--block"])])
 def test_bench_finetune_cli_rejects_bad_flags_in_one_line(flags, words):
-    done = subprocess.run([sys.executable, "-c", CLI_MAIN, "bench", "finetune", "--preset", "tiny", *flags],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
-    message = done.stderr.strip()
-    assert message.startswith("error:") and len(message.splitlines()) == 1, message
-    assert all(word in message for word in words), message
+    assert_one_line_error(run_cli("bench", "finetune", "--preset", "tiny", *flags), words)
 
 
 def test_bench_finetune_cli_on_tiny():
@@ -672,12 +680,7 @@ def test_bench_serve_cli_on_the_ci_course_model():
     (["--max-tokens", "-1"], ["max_tokens=-1"]), (["--max-batch", "1"], ["max_batch=1"]),
 ])
 def test_bench_serve_cli_rejects_bad_flags_in_one_line(flags, words):
-    done = subprocess.run([sys.executable, "-c", CLI_MAIN, "--profile", "ci", "bench", "serve", *flags],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
-    message = done.stderr.strip()
-    assert message.startswith("error:") and len(message.splitlines()) == 1, message
-    assert all(word in message for word in words), message
+    assert_one_line_error(run_cli("--profile", "ci", "bench", "serve", *flags), words)
 
 
 def test_linear_shapes_are_the_models_products_listed_by_hand():
@@ -732,16 +735,13 @@ def test_cpu_description_names_family_and_model_from_cpuinfo():
 
 
 def test_bench_peak_cli_on_tiny_and_bad_flags():
-    done = subprocess.run([sys.executable, "-c", CLI_MAIN, "bench", "peak", "--preset", "tiny", "--block", "16",
-                           "--batch", "2", "--rounds", "2"], capture_output=True, text=True, timeout=300)
+    done = run_cli("bench", "peak", "--preset", "tiny", "--block", "16", "--batch", "2", "--rounds", "2")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     shapes = 2 + len(bench_shapes("tiny", 16, 2))  # 1024² and 2048², then the model's
     assert len(lines) == 2 + 2 * shapes + 2 and lines[-2].startswith("fp32 peak:") and lines[-1].startswith("bf16 peak:")
     assert "its 2 rounds within" in lines[-1]
-    bad = subprocess.run([sys.executable, "-c", CLI_MAIN, "bench", "peak", "--rounds", "0"],
-                         capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "--rounds" in bad.stderr
+    assert_one_line_error(run_cli("bench", "peak", "--rounds", "0"), ["--rounds 0", "at least 1"])
 
 
 def test_seed_step_is_the_v01_recipe_and_matches_the_bare_model_loss():
