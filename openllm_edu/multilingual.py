@@ -11,8 +11,8 @@ from .sources import document_language
 from .tokenizer import Tokenizer
 
 # %% auto #0
-__all__ = ['documents_by_language', 'text_bytes', 'tokens_per_byte', 'TaxRow', 'tokenizer_tax', 'format_tax_table',
-           'grouped_bars', 'plot_tax', 'bits_table', 'plot_bits']
+__all__ = ['documents_by_language', 'text_bytes', 'tokens_per_byte', 'TaxRow', 'tokenizer_tax', 'grouped_table',
+           'format_tax_table', 'grouped_bars', 'plot_tax', 'language_bits', 'bits_table', 'plot_bits']
 
 # %% ../nbs/16_multilingual.ipynb #34ceb2ba
 def documents_by_language(docs: Iterable[str]) -> dict[str, list[str]]:
@@ -66,17 +66,21 @@ def tokenizer_tax(tokenizers: Mapping[str, Tokenizer], texts_by_language: Mappin
     return rows
 
 # %% ../nbs/16_multilingual.ipynb #f3f72289
-def format_tax_table(rows: Sequence[TaxRow]) -> str:
-    "Tokens per byte as a table: a line per language, a column per tokenizer."
-    names = list(dict.fromkeys(row.tokenizer for row in rows))
-    languages = list(dict.fromkeys(row.language for row in rows))
-    cost = {(row.language, row.tokenizer): row.tokens_per_byte for row in rows}
+def grouped_table(values: Mapping[tuple[str, str], float]) -> str:
+    "values[language, name] as a table: a line per language, a column per name, in the order they first appear."
+    names = list(dict.fromkeys(name for _, name in values))
+    languages = list(dict.fromkeys(language for language, _ in values))
     width = max(len(name) for name in names) + 2
     lines = ["language" + "".join(f"{name:>{width}}" for name in names)]
     for language in languages:
-        lines.append(f"{language:<8}" + "".join(f"{cost.get((language, name), float('nan')):>{width}.3f}"
+        lines.append(f"{language:<8}" + "".join(f"{values.get((language, name), float('nan')):>{width}.3f}"
                                                  for name in names))
     return "\n".join(lines)
+
+
+def format_tax_table(rows: Sequence[TaxRow]) -> str:
+    "Tokens per byte as a table: a line per language, a column per tokenizer."
+    return grouped_table({(row.language, row.tokenizer): row.tokens_per_byte for row in rows})
 
 # %% ../nbs/16_multilingual.ipynb #05a28155
 def grouped_bars(values: Mapping[tuple[str, str], float], ax=None):
@@ -101,24 +105,21 @@ def plot_tax(rows: Sequence[TaxRow], ax=None):
     return ax
 
 # %% ../nbs/16_multilingual.ipynb #9450220a
+def language_bits(scores: Mapping[str, Mapping[str, object]]) -> dict[tuple[str, str], float]:
+    "(language, model name) -> held-out bits per byte, from model name -> chapter 10's language -> LanguageBits."
+    return {(language, name): row.bits_per_byte for name, by_language in scores.items()
+            for language, row in by_language.items()}
+
+
 def bits_table(scores: Mapping[str, Mapping[str, object]]) -> str:
     """Bits per byte as a table, a line per language and a column per model; `scores` maps a model's name to
     chapter 10's `bits_per_byte_by_language` result (language -> LanguageBits)."""
-    names = list(scores)
-    languages = list(dict.fromkeys(language for by_language in scores.values() for language in by_language))
-    width = max(len(name) for name in names) + 2
-    lines = ["language" + "".join(f"{name:>{width}}" for name in names)]
-    for language in languages:
-        cells = [scores[name][language].bits_per_byte if language in scores[name] else float("nan") for name in names]
-        lines.append(f"{language:<8}" + "".join(f"{value:>{width}.3f}" for value in cells))
-    return "\n".join(lines)
+    return grouped_table(language_bits(scores))
 
 
 def plot_bits(scores: Mapping[str, Mapping[str, object]], ax=None):
     "A bar chart of held-out bits per byte: a group of bars per language, a bar per model."
-    values = {(language, name): row.bits_per_byte for name, by_language in scores.items()
-              for language, row in by_language.items()}
-    ax = grouped_bars(values, ax)
+    ax = grouped_bars(language_bits(scores), ax)
     ax.set_ylabel("held-out bits per byte (lower is better)")
     ax.axhline(8, color="gray", linestyle=":", linewidth=1)  # a uniform guess over the 256 byte values
     return ax
