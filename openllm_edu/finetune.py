@@ -32,12 +32,12 @@ from .train_config import TrainConfig
 from .trainer import TrainData, Trainer
 
 # %% auto #0
-__all__ = ['FAMILIES', 'UNANSWERABLE', 'FINETUNE_REPORT', 'CHAT_TEMPLATE_FILE', 'SQUAD_DATA', 'HELD_OUT', 'speech_text',
-           'speaker_questions', 'next_line_questions', 'count_questions', 'play_questions', 'reply_questions',
-           'conversation', 'family_items', 'check_families', 'instruction_data', 'line_hashes', 'passage_lines',
-           'write_conversations', 'read_conversations', 'alpaca_to_messages', 'squad_conversation',
-           'squad_instruction_data', 'conversation_examples', 'fits_block', 'ConversationSampler', 'sft_trainer',
-           'greedy_reply', 'exact_match', 'best_constant', 'replay_examples', 'split_conversations',
+__all__ = ['FAMILIES', 'READING', 'UNANSWERABLE', 'FINETUNE_REPORT', 'CHAT_TEMPLATE_FILE', 'SQUAD_DATA', 'HELD_OUT',
+           'speech_text', 'speaker_questions', 'next_line_questions', 'count_questions', 'play_questions',
+           'reply_questions', 'first_questions', 'conversation', 'family_items', 'check_families', 'instruction_data',
+           'line_hashes', 'passage_lines', 'write_conversations', 'read_conversations', 'alpaca_to_messages',
+           'squad_conversation', 'squad_instruction_data', 'conversation_examples', 'fits_block', 'ConversationSampler',
+           'sft_trainer', 'greedy_reply', 'exact_match', 'best_constant', 'replay_examples', 'split_conversations',
            'finetune_conversations', 'held_out_bits_per_byte', 'check_finetune_out', 'save_finetuned',
            'finetune_checkpoint', 'format_finetune_report', 'fit_history', 'stream_reply']
 
@@ -91,8 +91,18 @@ def reply_questions(scene: Scene, fresh: Callable[[str], bool], lines: int = 2) 
     return questions
 
 
+def first_questions(scene: Scene, fresh: Callable[[str], bool], lines: int = 2) -> list[tuple[str, str]]:
+    "Two speeches in a row by two speakers, of at most lines + 2 spoken lines; the answer is the first speaker."
+    pairs = zip(scene.speeches, scene.speeches[1:])
+    return [(f"Who speaks first in this passage?\n{speech_text(scene, a)}\n{speech_text(scene, b)}", a.speaker)
+            for a, b in pairs if b.start == a.end + 2 and a.speaker != b.speaker
+            and (a.end - a.start) + (b.end - b.start) <= lines + 2
+            and all(map(fresh, scene.lines[a.start:a.end] + scene.lines[b.start:b.end]))]
+
+
 FAMILIES = {"speaker": speaker_questions, "next_line": next_line_questions, "count": count_questions,
-            "play": play_questions, "reply": reply_questions}
+            "play": play_questions, "reply": reply_questions, "first": first_questions}
+READING = ("first", "reply", "count")  # the answer is in the passage: a small model can learn these
 
 # %% ../nbs/11_sft.ipynb #4ead2c81
 def conversation(question: str, answer: str) -> list[dict]:
@@ -340,12 +350,13 @@ HELD_OUT = {"chat": "instruction_data held-out items", "squad": "questions on 1 
             "squad_v2": "questions on 1 in 10 paragraphs (by hash)"}
 
 
-def finetune_conversations(data: str | Path, profile, lines: int) -> tuple[list, dict]:
-    """(training conversations, held-out {family: list}) of data='chat', 'squad' or 'squad_v2' (from the hub),
-    'squad:FILE' (SQuAD files you downloaded), or a JSON-lines file of conversations (family 'all')."""
+def finetune_conversations(data: str | Path, profile, lines: int, families: Sequence[str] = tuple(FAMILIES),
+                           items: int = 200) -> tuple[list, dict]:
+    """(training conversations, held-out {family: list}) of data='chat' (`items` of each of `families`), 'squad' or
+    'squad_v2' (from the hub), 'squad:FILE' (SQuAD files you downloaded), or a JSON-lines file (family 'all')."""
     if data == "chat":
-        items = instruction_data(profile, lines=lines)
-        return items["train"], items["held_out"]
+        made = instruction_data(profile, families=families, n_per_family=items, lines=lines)
+        return made["train"], made["held_out"]
     if str(data) in SQUAD_DATA or str(data).startswith("squad:"):
         rows = (load_squad_rows(SQUAD_DATA[data]) if data in SQUAD_DATA
                 else load_squad_rows(data_files=str(data).removeprefix("squad:")))
@@ -396,11 +407,12 @@ def save_finetuned(model: torch.nn.Module, tokenizer: ChatTokenizer, out_dir: Pa
 def finetune_checkpoint(checkpoint: str | Path, out_dir: str | Path, data: str | Path = "chat", steps: int = 200,
                         limit: int = 20, profile=None, prepare: Callable | None = None, finish: Callable | None = None,
                         method: str = "full", batch_size: int = 8, lr: float = 2e-3, replay: float = 0.0,
-                        seed: int = 0, device: str = "cpu") -> dict:
+                        seed: int = 0, device: str = "cpu", families: Sequence[str] = tuple(FAMILIES),
+                        items: int = 200) -> dict:
     """Fine-tune the model saved in `checkpoint` on `data` for `steps`, save it with its ChatTokenizer and
     finetune.json to `out_dir`, and return the report: exact match and <|end|> rate on the first `limit` held-out
     items of each family, and held-out bits per byte, before and after. `replay`: the share of training rows that
-    are windows of pretraining text (0 <= replay < 1)."""
+    are windows of pretraining text (0 <= replay < 1). `families`, `items`: which chat families, how many of each."""
     if not is_whole_number(steps) or not is_whole_number(limit):
         raise CourseError(f"steps={steps!r} and limit={limit!r} must be positive whole numbers, e.g. 200 and 20.")
     if not 0 <= replay < 1:
@@ -412,7 +424,7 @@ def finetune_checkpoint(checkpoint: str | Path, out_dir: str | Path, data: str |
     chat = ChatTokenizer(base.base if isinstance(base, ChatTokenizer) else base)
     model = resize_embeddings(model, chat.vocab_size)
     block = model.config.block_size
-    train, held = finetune_conversations(data, profile, lines=1 if block < 128 else 2)
+    train, held = finetune_conversations(data, profile, 1 if block < 128 else 2, families, items)
     train, held = fits_block(train, chat, block), {f: fits_block(items, chat, block)[:limit] for f, items in held.items()}
     if not train:
         raise CourseError(f"no training conversation fits the model's block_size={block}; write shorter ones.")
@@ -431,7 +443,8 @@ def finetune_checkpoint(checkpoint: str | Path, out_dir: str | Path, data: str |
     model = (finish(model) if finish else model).cpu().eval()
     after = dict(exact_match=exact_match(model, chat, held), bits_per_byte=held_out_bits_per_byte(model, chat, profile))
     report = dict(checkpoint=str(checkpoint), data=str(data), method=method, steps=steps, lr=lr, batch_size=batch_size, replay=replay,
-                  limit=limit, profile=profile.name, train_conversations=len(train), trainable_parameters=trainable,
+                  limit=limit, profile=profile.name, **(dict(families=list(families), items=items) if data == "chat" else
+                                                         dict(families=None, items=None)), train_conversations=len(train), trainable_parameters=trainable,
                   held_out=HELD_OUT.get(str(data).split(":")[0], "every 10th conversation"),
                   constant={family: best_constant(items) for family, items in held.items()},
                   before=before, after=after, seconds=round(time.perf_counter() - started, 1))

@@ -11,7 +11,8 @@ import torch.nn as nn
 from .core import CourseError
 
 # %% auto #0
-__all__ = ['OPTIMIZERS', 'decay_groups', 'Lion', 'OptimizerConfig', 'can_fuse', 'make_optimizer']
+__all__ = ['NEWTON_SCHULZ', 'OPTIMIZERS', 'decay_groups', 'Lion', 'orthogonalize', 'muon_step', 'adamw_step', 'Muon',
+           'OptimizerConfig', 'can_fuse', 'muon_groups', 'make_optimizer']
 
 # %% ../nbs/07_optimizers.ipynb #3b5f0159
 def decay_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False) -> list[dict]:
@@ -56,22 +57,91 @@ class Lion(torch.optim.Optimizer):
                 m.mul_(beta2).add_(p.grad, alpha=1 - beta2)
         return loss
 
+# %% ../nbs/07_optimizers.ipynb #a1ef70ef
+NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)  # the quintic's coefficients, tuned for speed rather than exactness
+
+
+def orthogonalize(matrix: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    "About U Vᵀ of `matrix` = U S Vᵀ: its singular values pushed to ~1 by `steps` Newton–Schulz steps, in bf16."
+    x = matrix.bfloat16()
+    wide = x.size(0) <= x.size(1)
+    x = x if wide else x.T  # iterate on the smaller Gram matrix X Xᵀ
+    x = x / x.norm().clamp(min=eps)
+    a, b, c = NEWTON_SCHULZ
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x if wide else x.T
+
+# %% ../nbs/07_optimizers.ipynb #84ca090d
+def muon_step(p: torch.Tensor, state: dict, group: dict) -> None:
+    "One Muon step of a matrix: Nesterov momentum, orthogonalised, scaled by √max(1, out/in); decoupled decay."
+    lr, momentum = group["lr"] * group["lr_scale"], group["momentum"]
+    buf = state.setdefault("momentum_buffer", torch.zeros_like(p))
+    buf.lerp_(p.grad, 1 - momentum)
+    update = orthogonalize(p.grad.lerp(buf, momentum), group["ns_steps"])
+    p.mul_(1 - lr * group["weight_decay"])
+    p.add_(update.to(p.dtype), alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+
+
+def adamw_step(p: torch.Tensor, state: dict, group: dict) -> None:
+    "One AdamW step (bias-corrected, decoupled decay), as written by hand earlier in this chapter."
+    lr, (beta1, beta2) = group["lr"], group["betas"]
+    if not state:
+        state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+    state["step"] += 1
+    m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
+    m.lerp_(p.grad, 1 - beta1)
+    v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+    p.mul_(1 - lr * group["weight_decay"])
+    denominator = (v / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
+    p.addcdiv_(m, denominator, value=-lr / (1 - beta1 ** t))
+
+
+class Muon(torch.optim.Optimizer):
+    "Muon for the parameter groups marked `muon=True` (2-D matrices), AdamW for the others."
+
+    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.95, ns_steps: int = 5,
+                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0):
+        if lr <= 0 or not 0 <= momentum < 1 or ns_steps < 1:
+            raise CourseError(f"Muon needs lr > 0, momentum in [0, 1) and ns_steps >= 1, got {lr}, {momentum}, {ns_steps}.")
+        super().__init__(params, dict(lr=lr, momentum=momentum, ns_steps=ns_steps, betas=tuple(betas), eps=eps,
+                                      weight_decay=weight_decay, muon=False, lr_scale=1.0))
+        for group in self.param_groups:
+            if group["muon"] and any(p.dim() != 2 for p in group["params"]):
+                raise CourseError("Muon steps only 2-D matrices; put vectors and embeddings in a group with muon=False.")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    (muon_step if group["muon"] else adamw_step)(p, self.state[p], group)
+        return loss
+
 # %% ../nbs/07_optimizers.ipynb #dd0ef0fd
-OPTIMIZERS = ("adamw", "lion")
+OPTIMIZERS = ("adamw", "lion", "muon")
 
 
 @dataclass
 class OptimizerConfig:
     "Which optimizer and its hyper-parameters (the learning rate itself comes from the schedule)."
-    name: str = "adamw"  # "adamw" | "lion"
+    name: str = "adamw"  # "adamw" | "lion" | "muon"
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8  # adamw only
     fused: bool | None = None  # None: fused AdamW wherever PyTorch has it (CPU, CUDA)
+    muon_lr_scale: float = 10.0  # muon only: the block matrices' learning rate over the schedule's
 
     def __post_init__(self):
         if self.name not in OPTIMIZERS:
             raise CourseError(f"unknown optimizer {self.name!r}; use one of {', '.join(OPTIMIZERS)}.")
+        if self.muon_lr_scale <= 0:
+            raise CourseError(f"muon_lr_scale={self.muon_lr_scale}: give a positive multiple of the learning rate, e.g. 10.")
         self.betas = tuple(self.betas)
 
     def to_dict(self) -> dict:
@@ -83,11 +153,25 @@ def can_fuse(params) -> bool:
     return all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
 
 
+def muon_groups(model: nn.Module, weight_decay: float, lr_scale: float) -> list[dict]:
+    "decay_groups with the matrices inside the blocks split off for Muon; an untied output head stays with AdamW."
+    decay, no_decay = decay_groups(model, weight_decay)
+    head = {id(p) for p in getattr(model, "lm_head", nn.Identity()).parameters()}
+    is_matrix = [p.dim() == 2 and id(p) not in head for p in decay["params"]]
+    matrices = dict(params=[p for p, m in zip(decay["params"], is_matrix) if m], muon=True, lr_scale=lr_scale,
+                    weight_decay=weight_decay)
+    rest = dict(params=[p for p, m in zip(decay["params"], is_matrix) if not m], weight_decay=weight_decay)
+    return [group for group in (matrices, rest, no_decay) if group["params"]]
+
+
 def make_optimizer(model: nn.Module, config: OptimizerConfig, lr: float = 1e-3) -> torch.optim.Optimizer:
     "The optimizer `config` names, over `decay_groups(model)`."
     groups = decay_groups(model, config.weight_decay)
     if config.name == "lion":
         return Lion(groups, lr=lr, betas=config.betas)
+    if config.name == "muon":
+        return Muon(muon_groups(model, config.weight_decay, config.muon_lr_scale), lr=lr, betas=config.betas,
+                    eps=config.eps)
     params = [p for g in groups for p in g["params"]]
     fused = can_fuse(params) if config.fused is None else config.fused
     return torch.optim.AdamW(groups, lr=lr, betas=config.betas, eps=config.eps, fused=fused)

@@ -12,6 +12,7 @@ import torch
 from openllm_edu.chat import ChatTokenizer, render_conversation, resize_embeddings
 from openllm_edu.core import CourseError
 from openllm_edu.finetune import (
+    FAMILIES,
     UNANSWERABLE,
     ConversationSampler,
     alpaca_to_messages,
@@ -73,6 +74,7 @@ def test_training_items_come_from_training_text(data):
 
 
 def test_answers_are_checkable(data):
+    assert all(data["held_out"][family] for family in FAMILIES), {f: len(items) for f, items in data["held_out"].items()}
     for family, items in data["held_out"].items():
         for messages in items:
             question, answer = messages[0]["content"], messages[1]["content"]
@@ -92,6 +94,9 @@ def test_answers_are_checkable(data):
                 speakers = [line[:-1] for line in question.split("\n")[1:] if SPEAKER_LINE.fullmatch(line)]
                 assert len(speakers) == 3 and speakers.count(name) == 1  # the slow way: the next NAME: line
                 assert answer == speakers[speakers.index(name) + 1]
+            elif family == "first":
+                speakers = [line[:-1] for line in question.split("\n")[1:] if SPEAKER_LINE.fullmatch(line)]
+                assert len(speakers) == 2 and answer == speakers[0] != speakers[1]
 
 
 def test_instruction_data_is_deterministic_and_seeded(data):

@@ -12,12 +12,20 @@ import jinja2
 import pytest
 
 from openllm_edu.chat import ChatTokenizer, load_chat_model, render_conversation, resize_embeddings
-from openllm_edu.cli import CLI_WORKER, main
-from openllm_edu.finetune import exact_match, fits_block, greedy_reply, instruction_data, write_conversations
+from openllm_edu.cli import CLI_WORKER, FINETUNE_FAMILIES, main
+from openllm_edu.finetune import (
+    FAMILIES,
+    READING,
+    exact_match,
+    fits_block,
+    greedy_reply,
+    instruction_data,
+    write_conversations,
+)
 from openllm_edu.model import course_model, course_model_dir, load_pretrained
 
 ROOT = Path(__file__).resolve().parent.parent
-REPORT_KEYS = {"checkpoint", "data", "method", "steps", "lr", "batch_size", "replay", "limit", "profile", "train_conversations",
+REPORT_KEYS = {"checkpoint", "data", "method", "steps", "lr", "batch_size", "replay", "limit", "families", "items", "profile", "train_conversations",
                "trainable_parameters", "held_out", "constant", "before", "after", "seconds"}
 
 
@@ -54,13 +62,15 @@ def test_finetune_saves_a_chat_model_graded_as_the_report_says(checkpoint, tuned
     model, chat = load_chat_model(out)
     base_model, base = load_pretrained(checkpoint)
     assert chat.vocab_size == base.vocab_size + 5 == model.config.vocab_size
+    assert report["families"] == list(READING) == list(FINETUNE_FAMILIES) and report["items"] == 3000
     held = {family: fits_block(items, chat, 64)[:2]  # the ci model's block: one-line passages
-            for family, items in instruction_data("ci", lines=1)["held_out"].items()}
+            for family, items in instruction_data("ci", READING, n_per_family=3000, lines=1)["held_out"].items()}
     assert exact_match(model, chat, held) == report["after"]["exact_match"]
     for family, items in held.items():  # the floor printed beside each family: the most common answer's share
         answers = [messages[-1]["content"] for messages in items]
         assert report["constant"][family] == max(answers.count(a) for a in answers) / len(answers)
-    assert report["lr"] == 3e-4 and report["replay"] == 0.5 and "one constant answer" in done.stdout
+    assert report["lr"] == 1e-3 and report["replay"] == 0.25 and report["batch_size"] == 16
+    assert "one constant answer" in done.stdout
     template = jinja2.Template((out / "chat_template.jinja").read_text(encoding="utf-8"))
     messages = held["count"][0]
     assert chat.encode_with_specials(template.render(messages=messages)) == render_conversation(chat, messages)[0]
@@ -76,11 +86,20 @@ def test_lora_finetune_on_a_file_saves_a_plain_merged_model(checkpoint, tmp_path
                  "--limit", "1", "--out", str(tmp_path / "lora")]) == 0
     report = json.loads((tmp_path / "lora" / "finetune.json").read_text(encoding="utf-8"))
     assert report["method"] == "lora r=2" and set(report["after"]["exact_match"]) == {"all"}
+    assert report["families"] is None and report["items"] is None  # they choose chat items only
     assert report["after"]["exact_match"]["all"]["n"] == 1 and report["train_conversations"] == len(used)
     model, chat = load_chat_model(tmp_path / "lora")  # strict load: no adapter weights were left in
     assert report["trainable_parameters"] < sum(p.numel() for p in model.parameters())
     assert main(["finetune", "--checkpoint", str(checkpoint), "--data", str(data), "--steps", "1", "--limit", "1",
                  "--out", str(tmp_path / "lora")]) == 0  # an earlier finetune output is replaced
+
+
+def test_finetune_on_all_chat_families(checkpoint, tmp_path):
+    assert main(["finetune", "--checkpoint", str(checkpoint), "--families", "all", "--items", "5", "--steps", "1",
+                 "--limit", "1", "--out", str(tmp_path / "all")]) == 0
+    report = json.loads((tmp_path / "all" / "finetune.json").read_text(encoding="utf-8"))
+    assert report["families"] == list(FAMILIES) == list(report["after"]["exact_match"]) and report["items"] == 5
+    assert report["train_conversations"] <= 5 * len(FAMILIES)
 
 
 def test_chat_through_a_pipe_answers_as_greedy_reply_does(tuned):
@@ -97,6 +116,16 @@ def chat_session(monkeypatch, capsys, folder, lines, *flags):
     monkeypatch.setattr(sys, "stdin", io.StringIO(lines))
     status = main(["chat", "--checkpoint", str(folder), "--temperature", "0", *flags])
     return status, capsys.readouterr()
+
+
+def test_chat_takes_a_message_of_several_lines_ending_each_but_the_last_with_a_backslash(tuned, monkeypatch, capsys):
+    out, _ = tuned
+    question = "Who speaks first in this passage?\nCELIA:\nI pray you, bear with me."
+    typed = question.replace("\n", "\\\n") + "\n/reset\nhi \\\n"  # the last one ends at the end of the input
+    status, seen = chat_session(monkeypatch, capsys, out, typed, "--max-new-tokens", "8")
+    model, chat = load_chat_model(out)
+    replies = [greedy_reply(model, chat, [{"role": "user", "content": text}], 8)[0] for text in (question, "hi ")]
+    assert status == 0 and seen.out == "".join(reply + "\n" for reply in replies), seen
 
 
 def test_chat_drops_the_oldest_turns_and_refuses_a_message_too_long(tuned, monkeypatch, capsys):
@@ -118,6 +147,8 @@ def test_bad_input_is_one_line_and_exit_2(checkpoint, tuned, tmp_path, monkeypat
              "no conversation file": [*finetune, "--data", str(tmp_path / "missing.jsonl")],
              "line 1": [*finetune, "--data", str(bad_file)],
              "--lora 0": [*finetune, "--lora", "0"], "--steps 0": [*finetune, "--steps", "0"],
+             "--items 0": [*finetune, "--items", "0"], "--batch 0": [*finetune, "--batch", "0"],
+             "poetry": [*finetune, "--families", "first,poetry"], "use some of": [*finetune, "--families", ","],
              "does not exist": [*finetune, "--data", f"squad:{tmp_path / 'missing.json'}"],
              "replay=1.0": [*finetune, "--replay", "1"], "--lr 0.0": [*finetune, "--lr", "0"], "--lr 2.0": [*finetune, "--lr", "2"],
              "holds other files": ["finetune", "--checkpoint", str(checkpoint), "--out", str(crowded)],

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from openllm_edu.generate import GenerationConfig, generate_text
 from openllm_edu.loggers import JSONLinesLogger, read_metrics
 from openllm_edu.memory import oom_back_off
 from openllm_edu.model import GPT, GPTConfig
-from openllm_edu.optim import Lion, OptimizerConfig, decay_groups, make_optimizer
+from openllm_edu.optim import Lion, Muon, OptimizerConfig, decay_groups, make_optimizer, muon_groups, orthogonalize
 from openllm_edu.schedule import ScheduleConfig, constant, linear_decay, warmup_cosine, warmup_stable_decay
 from openllm_edu.tokenizer import make_tokenizer
 from openllm_edu.train_config import TrainConfig
@@ -128,6 +129,79 @@ def test_lion_first_step_moves_every_weight_by_lr():
     p.grad = torch.randn(10)
     Lion([p], lr=0.01).step()
     assert torch.allclose((p.detach() - before).abs(), torch.full((10,), 0.01))
+
+
+@pytest.mark.parametrize("shape", [(48, 80), (80, 48)])
+def test_orthogonalize_is_close_to_the_polar_factor(shape):
+    torch.manual_seed(0)
+    matrix = torch.randn(shape) * torch.logspace(0, -2, shape[1])  # columns of very different sizes
+    u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+    polar, ortho = u @ vh, orthogonalize(matrix).float()
+    sigma = torch.linalg.svdvals(ortho)
+    assert ortho.shape == shape and 0.6 < sigma.min() and sigma.max() < 1.3
+    assert (ortho * polar).sum() / (ortho.norm() * polar.norm()) > 0.95
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)])  # the tall one takes sqrt(40/24)-larger steps
+def test_muon_matches_torch_muon_on_matrices_and_adamw_on_the_rest(shape):
+    torch.manual_seed(1)
+    start = [torch.randn(shape), torch.randn(shape[0])]
+    ours, theirs = ([nn.Parameter(t.clone()) for t in start] for _ in range(2))
+    mine = Muon([dict(params=[ours[0]], muon=True, weight_decay=0.1, lr_scale=2.0), dict(params=[ours[1]])],
+                lr=0.01, weight_decay=0.05)
+    reference = [torch.optim.Muon([theirs[0]], lr=0.02, weight_decay=0.1, momentum=0.95),  # lr * lr_scale
+                 torch.optim.AdamW([theirs[1]], lr=0.01, betas=(0.9, 0.95), weight_decay=0.05)]
+    for _ in range(4):
+        grads = [torch.randn_like(t) for t in start]
+        for params in (ours, theirs):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+        mine.step()
+        for optimizer in reference:
+            optimizer.step()
+    moved = (ours[0] - start[0]).abs().max()
+    assert (ours[0] - theirs[0]).abs().max() < 4 * 0.05 * 0.02 < moved / 5  # bf16 rounding, 5 % of a step per step
+    assert torch.allclose(ours[1], theirs[1], atol=1e-6)
+
+
+def test_muon_refuses_vectors_and_bad_settings():
+    with pytest.raises(CourseError, match="only 2-D"):
+        Muon([dict(params=[nn.Parameter(torch.zeros(3))], muon=True)])
+    with pytest.raises(CourseError, match="momentum"):
+        Muon([nn.Parameter(torch.zeros(3, 3))], momentum=1.0)
+    with pytest.raises(CourseError, match="muon_lr_scale"):
+        OptimizerConfig("muon", muon_lr_scale=0)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_muon_groups_take_the_block_matrices_only(tied):
+    model = GPT(GPTConfig.preset("tiny", vocab_size=64, block_size=16, tie_embeddings=tied, **SMALL_MODEL))
+    optimizer = make_optimizer(model, OptimizerConfig("muon", muon_lr_scale=7.0), lr=1e-3)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = [g for g in optimizer.param_groups if g["muon"]]
+    assert len(muon) == 1 and muon[0]["lr_scale"] == 7.0
+    expected = {n for n, p in model.named_parameters() if p.dim() == 2 and n.startswith("blocks.")}
+    assert {names[id(p)] for p in muon[0]["params"]} == expected
+    everything = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    assert sorted(everything) == sorted(names.values())  # every parameter once
+    assert muon_groups(model, 0.1, 7.0)[0]["params"] == muon[0]["params"]
+
+
+def test_muon_training_resumes_exactly(data_dir, tmp_path):
+    config = make_config(data_dir, tmp_path / "straight", optimizer="muon", max_steps=8, eval_every=0,
+                         checkpoint_every=4)
+    straight = Trainer.from_config(config)
+    straight.fit()
+    losses = [r["train/loss"] for r in read_metrics(tmp_path / "straight" / "metrics.jsonl") if "train/loss" in r]
+    assert losses[-1] < losses[0]
+    shutil.copytree(tmp_path / "straight", tmp_path / "halves")
+    for later in sorted((tmp_path / "halves" / "checkpoints").glob("*.pt"))[1:]:  # as if stopped after step 4
+        later.unlink()
+    resumed = Trainer.resume(tmp_path / "halves")
+    assert resumed.step == 4 and resumed.optimizer.state  # Muon's momentum buffers came back
+    resumed.fit()
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 # --- precision, accumulation, clipping ------------------------------------------------------------------
