@@ -11,8 +11,8 @@ import torch.nn as nn
 from .core import CourseError
 
 # %% auto #0
-__all__ = ['NEWTON_SCHULZ', 'OPTIMIZERS', 'decay_groups', 'Lion', 'orthogonalize', 'muon_step', 'adamw_step', 'Muon',
-           'OptimizerConfig', 'can_fuse', 'muon_groups', 'make_optimizer']
+__all__ = ['NEWTON_SCHULZ', 'OPTIMIZERS', 'decay_groups', 'StepEachParameter', 'Lion', 'orthogonalize', 'muon_step', 'adamw_step',
+           'Muon', 'OptimizerConfig', 'can_fuse', 'muon_groups', 'make_optimizer']
 
 # %% ../nbs/07_optimizers.ipynb #3b5f0159
 def decay_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False) -> list[dict]:
@@ -29,13 +29,8 @@ def decay_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool =
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
 # %% ../nbs/07_optimizers.ipynb #a92fe647
-class Lion(torch.optim.Optimizer):
-    "The Lion optimizer: sign of an interpolated momentum, decoupled weight decay, one state tensor."
-
-    def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0):
-        if lr <= 0 or not all(0 <= b < 1 for b in betas):
-            raise CourseError(f"Lion needs lr > 0 and betas in [0, 1), got lr={lr}, betas={betas}.")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
+class StepEachParameter(torch.optim.Optimizer):
+    "An optimizer written as one update of one parameter: a subclass defines `update(p, state, group)`."
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -44,18 +39,28 @@ class Lion(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["exp_avg"] = torch.zeros_like(p)
-                m = state["exp_avg"]
-                update = (beta1 * m + (1 - beta1) * p.grad).sign_()
-                p.mul_(1 - group["lr"] * group["weight_decay"]).add_(update, alpha=-group["lr"])
-                m.mul_(beta2).add_(p.grad, alpha=1 - beta2)
+                if p.grad is not None:
+                    self.update(p, self.state[p], group)
         return loss
+
+
+class Lion(StepEachParameter):
+    "The Lion optimizer: sign of an interpolated momentum, decoupled weight decay, one state tensor."
+
+    def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0):
+        if lr <= 0 or not all(0 <= b < 1 for b in betas):
+            raise CourseError(f"Lion needs lr > 0 and betas in [0, 1), got lr={lr}, betas={betas}.")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
+
+    def update(self, p: torch.Tensor, state: dict, group: dict) -> None:
+        beta1, beta2 = group["betas"]
+        if not state:
+            state["exp_avg"] = torch.zeros_like(p)
+        m = state["exp_avg"]
+        update = (beta1 * m + (1 - beta1) * p.grad).sign_()
+        p.mul_(1 - group["lr"] * group["weight_decay"]).add_(update, alpha=-group["lr"])
+        m.mul_(beta2).add_(p.grad, alpha=1 - beta2)
 
 # %% ../nbs/07_optimizers.ipynb #a1ef70ef
 NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)  # the quintic's coefficients, tuned for speed rather than exactness
@@ -98,7 +103,7 @@ def adamw_step(p: torch.Tensor, state: dict, group: dict) -> None:
     p.addcdiv_(m, denominator, value=-lr / (1 - beta1 ** t))
 
 
-class Muon(torch.optim.Optimizer):
+class Muon(StepEachParameter):
     "Muon for the parameter groups marked `muon=True` (2-D matrices), AdamW for the others."
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.95, ns_steps: int = 5,
@@ -111,17 +116,8 @@ class Muon(torch.optim.Optimizer):
             if group["muon"] and any(p.dim() != 2 for p in group["params"]):
                 raise CourseError("Muon steps only 2-D matrices; put vectors and embeddings in a group with muon=False.")
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    (muon_step if group["muon"] else adamw_step)(p, self.state[p], group)
-        return loss
+    def update(self, p: torch.Tensor, state: dict, group: dict) -> None:
+        (muon_step if group["muon"] else adamw_step)(p, state, group)
 
 # %% ../nbs/07_optimizers.ipynb #dd0ef0fd
 OPTIMIZERS = ("adamw", "lion", "muon")
