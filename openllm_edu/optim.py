@@ -131,13 +131,13 @@ class OptimizerConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8  # adamw only
     fused: bool | None = None  # None: fused AdamW wherever PyTorch has it (CPU, CUDA)
-    muon_lr_scale: float = 10.0  # muon only: the block matrices' learning rate over the schedule's
+    muon_lr_scale: float = 5.0  # muon only: the block matrices' learning rate over the schedule's (measured below)
 
     def __post_init__(self):
         if self.name not in OPTIMIZERS:
             raise CourseError(f"unknown optimizer {self.name!r}; use one of {', '.join(OPTIMIZERS)}.")
         if self.muon_lr_scale <= 0:
-            raise CourseError(f"muon_lr_scale={self.muon_lr_scale}: give a positive multiple of the learning rate, e.g. 10.")
+            raise CourseError(f"muon_lr_scale={self.muon_lr_scale}: give a positive multiple of the learning rate, e.g. 5.")
         self.betas = tuple(self.betas)
 
     def to_dict(self) -> dict:
