@@ -183,6 +183,8 @@ def _run_rank(index: int, fn: Callable, args: tuple, world_size: int, port: int,
     torch.set_num_threads(threads)  # the thread pool came with the fork; resize it
     try:
         context = init_distributed(DistributedContext.from_env(device="cpu"), timeout_s=60)
+        if dist.is_initialized():  # all connected before any rank can finish: one leaving mid-connect breaks the rest
+            dist.barrier()
         result = fn(context, *args)
     except BaseException as error:  # noted with the time, so the parent can tell the first failure from its echoes
         Path(out_dir, f"rank{index}.failed").write_bytes(pickle.dumps((time.time(), _describe(error))))
