@@ -294,10 +294,12 @@ def check_attention_config(n_embd: int, n_head: int, n_kv_head: int | None = Non
 
 # %% ../nbs/04_attention.ipynb #0a6ac521
 class CausalSelfAttention(nn.Module):
-    "Multi-head causal self-attention with optional grouped-query heads, RoPE, a sliding window and a KV cache."
+    """Multi-head causal self-attention with optional grouped-query heads, RoPE, QK-norm, a sliding window and a
+    KV cache."""
     def __init__(self, n_embd: int, n_head: int, n_kv_head: int | None = None, bias: bool = True,
                  dropout: float = 0.0, rope: bool = False, max_positions: int = 2048,
-                 rope_base: float = 10000.0, window: int | None = None):
+                 rope_base: float = 10000.0, window: int | None = None, qk_norm: bool = False,
+                 norm_eps: float = 1e-5):
         super().__init__()
         check_attention_config(n_embd, n_head, n_kv_head, window, rope)
         self.n_head, self.n_kv_head = n_head, n_kv_head or n_head
@@ -306,6 +308,9 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
         self.rotary = RotaryEmbedding(self.head_dim, max_positions, rope_base) if rope else None
+        # QK-norm: one RMSNorm over head_dim for the queries and one for the keys, shared by all heads
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=norm_eps) if qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=norm_eps) if qk_norm else None
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0,
                 start_pos: int | None = None) -> torch.Tensor:
@@ -316,6 +321,8 @@ class CausalSelfAttention(nn.Module):
         q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         q, k, v = self.c_attn(x).split([q_size, kv_size, kv_size], dim=-1)
         q, k, v = split_heads(q, self.n_head), split_heads(k, self.n_kv_head), split_heads(v, self.n_kv_head)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is not None:
             positions = kv_cache.positions(x.shape[1]) if per_row else None
             q, k = self.rotary(q, start_pos, positions), self.rotary(k, start_pos, positions)

@@ -24,15 +24,15 @@ from .tokenizer import EOS_TOKEN, SPLIT_PATTERNS, BPETokenizer, Tokenizer
 
 # %% auto #0
 __all__ = ['GPT2_ACTIVATION', 'GPT2_FIELDS', 'HF_ARCHITECTURES', 'LLAMA_FIELDS', 'RUN_SUMMARY', 'FAMILY_NAMES', 'GPT2_CONV1D',
-           'GPT2_MASKS', 'check_gpt2_compatible', 'gpt2_config', 'plain_linear', 'conv1d_weight', 'bias_or_zeros',
-           'gpt2_block_tensors', 'gpt2_state_dict', 'byte_to_unicode', 'byte_level_string', 'hf_tokenizer',
-           'check_llama_compatible', 'hf_family', 'llama_config', 'hf_config', 'llama_tensor_names', 'plain_tensors',
-           'llama_state_dict', 'hf_state_dict', 'hf_chat_tokenizer', 'hf_tokenizer_for', 'tokenizer_config',
-           'saved_metadata', 'describe_tokenizer', 'card_model_lines', 'card_training_lines', 'model_card',
-           'write_weights', 'write_json', 'write_hf_files', 'check_new_folder', 'folder_written_whole', 'load_saved',
-           'export_hf', 'hf_field', 'refuse_field', 'default_or', 'config_from_gpt2', 'rope_theta', 'config_from_llama',
-           'gpt2_our_name', 'gpt2_tensors_to_ours', 'gpt2_has_bias', 'llama_tensors_to_ours', 'split_pattern_of',
-           'bpe_from_hf', 'tokenizer_from_hf', 'read_hf_config', 'read_hf_weights', 'import_hf']
+           'GPT2_MASKS', 'check_no_qk_norm', 'check_gpt2_compatible', 'gpt2_config', 'plain_linear', 'conv1d_weight',
+           'bias_or_zeros', 'gpt2_block_tensors', 'gpt2_state_dict', 'byte_to_unicode', 'byte_level_string',
+           'hf_tokenizer', 'check_llama_compatible', 'hf_family', 'llama_config', 'hf_config', 'llama_tensor_names',
+           'plain_tensors', 'llama_state_dict', 'hf_state_dict', 'hf_chat_tokenizer', 'hf_tokenizer_for',
+           'tokenizer_config', 'saved_metadata', 'describe_tokenizer', 'card_model_lines', 'card_training_lines',
+           'model_card', 'write_weights', 'write_json', 'write_hf_files', 'check_new_folder', 'folder_written_whole',
+           'load_saved', 'export_hf', 'hf_field', 'refuse_field', 'default_or', 'config_from_gpt2', 'rope_theta',
+           'config_from_llama', 'gpt2_our_name', 'gpt2_tensors_to_ours', 'gpt2_has_bias', 'llama_tensors_to_ours',
+           'split_pattern_of', 'bpe_from_hf', 'tokenizer_from_hf', 'read_hf_config', 'read_hf_weights', 'import_hf']
 
 # %% ../nbs/14_export.ipynb #57291d83
 GPT2_ACTIVATION = "gelu"  # transformers' exact erf GELU, as our nn.GELU(); "gelu_new" is GPT-2's tanh approximation
@@ -46,8 +46,17 @@ GPT2_FIELDS = {
 }
 
 
+def check_no_qk_norm(config: GPTConfig) -> None:
+    "QK-norm (chapter 04) is in none of the stock families this chapter writes, so a model with it is refused."
+    if config.qk_norm:
+        raise CourseError("qk_norm=True has no GPT-2, Llama or Mistral equivalent (their attention scores raw "
+                          "queries against raw keys); train with qk_norm=False to export, or export to ONNX "
+                          "(chapter 14b), which traces the model as it is.")
+
+
 def check_gpt2_compatible(config: GPTConfig) -> None:
     "Raise a one-line CourseError naming the first field of `config` that GPT-2's architecture can't reproduce."
+    check_no_qk_norm(config)
     for field, (needed, reason) in GPT2_FIELDS.items():
         if getattr(config, field) != needed:
             raise CourseError(f"{field}={getattr(config, field)!r} has no GPT-2 equivalent ({reason}); "
@@ -169,6 +178,7 @@ LLAMA_FIELDS = {
 
 def check_llama_compatible(config: GPTConfig) -> None:
     "Raise a one-line CourseError naming the first field of `config` that Llama and Mistral can't reproduce."
+    check_no_qk_norm(config)
     if config.pos != "rope":
         raise CourseError(f"pos={config.pos!r} has no Llama or Mistral equivalent (they rotate queries and keys "
                           f"with RoPE); only a model with pos='rope' exports as Llama or Mistral.")

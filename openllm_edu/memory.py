@@ -19,12 +19,12 @@ from .model import GPT, PRESETS, GPTConfig, estimate_num_params, param_breakdown
 __all__ = ['GiB', 'MiB', 'FP32', 'OPTIMIZER_STATES', 'activation_element_bytes', 'optimizer_state_bytes', 'saved_tensors',
            'saved_activation_bytes', 'gpt2_block_activation_parts', 'block_activation_bytes',
            'korthikanti_activation_bytes', 'norm_activation_parts', 'weight_copy_parts', 'mlp_activation_parts',
-           'fused_attention_parts', 'attention_activation_parts', 'block_activation_parts', 'checkpoint_kept_bytes',
-           'outside_block_bytes', 'activation_bytes', 'recompute_bytes', 'logits_bytes', 'MemoryEstimate',
-           'estimate_memory', 'memory_table', 'format_memory_table', 'plot_memory', 'largest_batch_that_fits',
-           'largest_preset_that_fits', 'tensor_bytes', 'StepProfile', 'profile_training_step', 'compare_estimate',
-           'module_output_bytes', 'forward_saved_bytes', 'record_memory_snapshot', 'MemoryBudgetExceeded',
-           'fit_micro_batch', 'oom_back_off']
+           'qk_norm_parts', 'fused_attention_parts', 'attention_activation_parts', 'block_activation_parts',
+           'checkpoint_kept_bytes', 'outside_block_bytes', 'activation_bytes', 'recompute_bytes', 'logits_bytes',
+           'MemoryEstimate', 'estimate_memory', 'memory_table', 'format_memory_table', 'plot_memory',
+           'largest_batch_that_fits', 'largest_preset_that_fits', 'tensor_bytes', 'StepProfile',
+           'profile_training_step', 'compare_estimate', 'module_output_bytes', 'forward_saved_bytes',
+           'record_memory_snapshot', 'MemoryBudgetExceeded', 'fit_micro_batch', 'oom_back_off']
 
 # %% ../nbs/08_memory.ipynb #d268a517
 GiB, MiB = 1024**3, 1024**2
@@ -128,32 +128,48 @@ def weight_copy_parts(config: GPTConfig, precision: str = "fp32") -> dict[str, i
 
 # %% ../nbs/08_memory.ipynb #0cedd8fa
 def mlp_activation_parts(config: GPTConfig, batch_size: int, seq_len: int, precision: str = "fp32") -> dict[str, int]:
-    """What the MLP saves: its input (the norm's output, e bytes), GELU's input and output or SwiGLU's c_fc
-    output (gate and up are views of it), silu(gate) and the product; with dropout, its mask."""
+    """What the MLP saves: its input (the norm's output, e bytes), the activation's input and output (GELU; for
+    ReLU², relu's output, which the square reuses, and the square) or SwiGLU's c_fc output (gate and up are
+    views of it), silu(gate) and the product; with dropout, its mask."""
     tokens, h, f = batch_size * seq_len, config.n_embd, config.mlp_hidden_size
     e = activation_element_bytes(precision)
     parts = {"c_fc input (norm output)": tokens * h * e}
     if config.mlp == "swiglu":
         parts["SwiGLU: c_fc output, silu(gate), product"] = (2 + 1 + 1) * tokens * f * e
     else:
-        parts["MLP hidden (GELU input and output)"] = 2 * tokens * f * e
+        parts["MLP hidden (activation input and output)"] = 2 * tokens * f * e
     if config.dropout > 0:
         parts["MLP dropout mask"] = tokens * h * e  # on CPU the mask has the input's dtype
     return parts
 
 # %% ../nbs/08_memory.ipynb #b43916b3
+def qk_norm_parts(config: GPTConfig, batch_size: int, seq_len: int, precision: str = "fp32") -> dict[str, int]:
+    """What QK-norm's two RMSNorms keep: 1/rms per head and token, and the normalised q and k before the gain,
+    in fp32; under autocast also the fp32 copies of q and k they normalise (the gain is fp32, the input 16-bit)."""
+    if not config.qk_norm:
+        return {}
+    rows = batch_size * seq_len * (config.n_head + config.num_kv_heads)  # one row per head and token, q and k
+    parts = {"QK-norm: 1/rms, normalised q, k (fp32)": rows * FP32 + rows * config.head_dim * FP32}
+    if precision != "fp32":
+        parts["QK-norm: q, k upcast to fp32"] = rows * config.head_dim * FP32
+    return parts
+
+
 def fused_attention_parts(config: GPTConfig, batch_size: int, seq_len: int, precision: str = "fp32") -> dict[str, int]:
-    """What the fused SDPA kernel keeps: q, k, v (as views of c_attn's output unless RoPE or repeat_kv made
-    new tensors), its output, a log-sum-exp per head and token, and the window's mask."""
+    """What the fused SDPA kernel keeps: q, k, v (as views of c_attn's output unless RoPE, QK-norm or repeat_kv
+    made new tensors), its output, a log-sum-exp per head and token, and the window's mask."""
     tokens, h, d, e = batch_size * seq_len, config.n_embd, config.head_dim, activation_element_bytes(precision)
     rope = config.pos == "rope"
+    fresh_qk = rope or config.qk_norm  # q and k are new tensors, not views of c_attn's output
     copies_kv = 1 < config.num_kv_heads < config.n_head  # with one kv head repeat_kv is a view
     parts = {}
-    if not (rope and copies_kv):  # v (or q, k) is still a view that keeps c_attn's whole output alive
+    # v (or q, k, or in fp32 QK-norm's input) is still a view that keeps c_attn's whole output alive
+    if not (fresh_qk and copies_kv) or (config.qk_norm and precision == "fp32"):
         parts["q, k, v (c_attn output)"] = tokens * (config.n_head + 2 * config.num_kv_heads) * d * e
-    if rope:
-        parts["RoPE: rotated q, k"] = tokens * h * e + (0 if copies_kv else tokens * config.num_kv_heads * d * e)
-        parts["RoPE: attention output copied to merge heads"] = tokens * h * e
+    if fresh_qk:
+        name = "RoPE: rotated q, k" if rope else "QK-norm: normalised q, k"
+        parts[name] = tokens * h * e + (0 if copies_kv else tokens * config.num_kv_heads * d * e)
+        parts["attention output copied to merge heads"] = tokens * h * e
     if copies_kv:
         parts["GQA: k, v repeated to every query head"] = 2 * tokens * h * e
     parts["attention output (c_proj input)"] = tokens * h * e
@@ -174,8 +190,10 @@ def attention_activation_parts(config: GPTConfig, batch_size: int, seq_len: int,
         parts["probabilities, dropout mask, dropped (fp32)"] = 3 * b * a * s * s * FP32
         parts["attention output (c_proj input)"] = tokens * h * e
         parts["residual dropout mask"] = tokens * h * e
-        return parts
-    return {**parts, **fused_attention_parts(config, b, s, precision)}
+        if config.qk_norm and precision == "fp32":  # QK-norm's input: views that keep c_attn's output alive
+            parts["q, k, v (c_attn output)"] = tokens * (a + 2 * config.num_kv_heads) * config.head_dim * e
+        return {**parts, **qk_norm_parts(config, b, s, precision)}
+    return {**parts, **fused_attention_parts(config, b, s, precision), **qk_norm_parts(config, b, s, precision)}
 
 # %% ../nbs/08_memory.ipynb #7898e868
 def block_activation_parts(config: GPTConfig, batch_size: int, seq_len: int, precision: str = "fp32") -> dict[str, int]:

@@ -23,17 +23,18 @@ from .core import CourseError, atomic_write_text, check_field_names, is_whole_nu
 from .tokenizer import Tokenizer, load_tokenizer
 
 # %% auto #0
-__all__ = ['NORMS', 'MLPS', 'POSITIONS', 'IGNORE_INDEX', 'PRESETS', 'RENAMED_PRESETS', 'CONFIG_FILE', 'WEIGHTS_FILE',
-           'TOKENIZER_DIR', 'MODEL_TYPE', 'BRIEF_RECIPES', 'CACHE_ENV', 'COURSE_MODEL_VERSION', 'REPORT_FILE',
-           'check_gpt_config', 'GPTConfig', 'current_preset_name', 'make_norm', 'MLP', 'swiglu', 'SwiGLUMLP', 'Block',
-           'first_position', 'GPT', 'param_breakdown', 'estimate_num_params', 'matmul_params', 'flops_per_token',
-           'unwrap_model', 'save_pretrained', 'load_pretrained', 'train_briefly', 'CourseData', 'as_profile',
-           'course_documents', 'course_data', 'brief_recipe', 'course_config', 'course_cache_dir', 'file_lock',
-           'course_recipe', 'course_model_dir', 'train_course_model', 'course_model', 'course_model_report']
+__all__ = ['NORMS', 'MLPS', 'POSITIONS', 'IGNORE_INDEX', 'PRESETS', 'RENAMED_PRESETS', 'MLP_CLASSES', 'CONFIG_FILE',
+           'WEIGHTS_FILE', 'TOKENIZER_DIR', 'MODEL_TYPE', 'BRIEF_RECIPES', 'CACHE_ENV', 'COURSE_MODEL_VERSION',
+           'REPORT_FILE', 'check_gpt_config', 'GPTConfig', 'current_preset_name', 'make_norm', 'MLP', 'swiglu',
+           'SwiGLUMLP', 'ReLUSquaredMLP', 'Block', 'first_position', 'GPT', 'param_breakdown', 'estimate_num_params',
+           'matmul_params', 'flops_per_token', 'unwrap_model', 'save_pretrained', 'load_pretrained', 'train_briefly',
+           'CourseData', 'as_profile', 'course_documents', 'course_data', 'brief_recipe', 'course_config',
+           'course_cache_dir', 'file_lock', 'course_recipe', 'course_model_dir', 'train_course_model', 'course_model',
+           'course_model_report']
 
 # %% ../nbs/05_gpt.ipynb #2f3c824e
 NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "swiglu")
+MLPS = ("gelu", "swiglu", "relu2")
 POSITIONS = ("learned", "rope")
 IGNORE_INDEX = -100  # targets equal to this (padding) add nothing to the loss; F.cross_entropy's default
 
@@ -75,12 +76,13 @@ class GPTConfig:
     dropout: float = 0.0
     norm: str = "layernorm"  # "layernorm" | "rmsnorm"
     norm_eps: float = 1e-5
-    mlp: str = "gelu"  # "gelu" | "swiglu"
+    mlp: str = "gelu"  # "gelu" | "swiglu" | "relu2"
     mlp_hidden: int | None = None  # None = the rule of `mlp_hidden_size`
     pos: str = "learned"  # "learned" | "rope"
     rope_base: float = 10000.0
     tie_embeddings: bool = True  # the output head reuses the token embedding matrix
     window: int | None = None  # sliding-window attention: each token sees at most this many tokens
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys before the scores (chapter 04)
     gradient_checkpointing: bool = False  # recompute each block's activations during backward
 
     def __post_init__(self):
@@ -96,10 +98,10 @@ class GPTConfig:
 
     @property
     def mlp_hidden_size(self) -> int:
-        "GELU: 4·n_embd. SwiGLU: 2/3 of that (three matrices instead of two), rounded up to a multiple of 256."
+        "GELU, ReLU²: 4·n_embd. SwiGLU: 2/3 of that (three matrices, not two), rounded up to a multiple of 256."
         if self.mlp_hidden is not None:
             return self.mlp_hidden
-        if self.mlp == "gelu":
+        if self.mlp in ("gelu", "relu2"):
             return 4 * self.n_embd
         return -(-(8 * self.n_embd // 3) // 256) * 256
 
@@ -185,6 +187,20 @@ class SwiGLUMLP(nn.Module):
         gate, up = self.c_fc(x).chunk(2, dim=-1)
         return self.dropout(self.c_proj(F.silu(gate) * up))
 
+# %% ../nbs/05_gpt.ipynb #ef9923db
+class ReLUSquaredMLP(MLP):
+    "The MLP with relu(x)² in place of GELU: the same two matrices, a cheaper and sparser activation."
+    def __init__(self, config: GPTConfig):
+        super().__init__(config)
+        del self.gelu  # the parent's activation module; forward squares a ReLU instead
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.relu(self.c_fc(x)).square()))
+
+
+MLP_CLASSES = {"gelu": MLP, "swiglu": SwiGLUMLP, "relu2": ReLUSquaredMLP}  # config.mlp -> its module
+
+
 # %% ../nbs/05_gpt.ipynb #7cc59e3e
 class Block(nn.Module):
     "Pre-norm transformer block: x + attention(norm(x)), then x + mlp(norm(x))."
@@ -194,9 +210,9 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(
             config.n_embd, config.n_head, config.n_kv_head, bias=config.bias, dropout=config.dropout,
             rope=config.pos == "rope", max_positions=config.block_size, rope_base=config.rope_base,
-            window=config.window)
+            window=config.window, qk_norm=config.qk_norm, norm_eps=config.norm_eps)
         self.ln_2 = make_norm(config)
-        self.mlp = SwiGLUMLP(config) if config.mlp == "swiglu" else MLP(config)
+        self.mlp = MLP_CLASSES[config.mlp](config)
         self.checkpointed = config.gradient_checkpointing  # per block: see "Gradient checkpointing"
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0,
@@ -302,12 +318,13 @@ def param_breakdown(config: GPTConfig) -> dict[str, int]:
     mlp_in = 2 * f if config.mlp == "swiglu" else f
     mlp = c * mlp_in + f * c + (mlp_in + c if bias else 0)
     norm = 2 * c if config.norm == "layernorm" and bias else c
+    qk_norms = 2 * config.head_dim if config.qk_norm else 0  # one gain per head channel, for q and for k
     return {
         "token embedding": config.vocab_size * c,
         "position embedding": config.block_size * c if config.pos == "learned" else 0,
         "attention": config.n_layer * attention,
         "mlp": config.n_layer * mlp,
-        "norms": (2 * config.n_layer + 1) * norm,
+        "norms": (2 * config.n_layer + 1) * norm + config.n_layer * qk_norms,
         "output head": 0 if config.tie_embeddings else config.vocab_size * c,
     }
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from einops import repeat
 
 from openllm_edu.attention import (
@@ -187,6 +188,21 @@ def test_layer_equals_the_pieces_by_hand():
     assert torch.allclose(layer(x), expected, atol=TOL)
 
 
+def test_qk_norm_is_pytorchs_rms_norm_of_each_head_before_the_scores():
+    torch.manual_seed(0)
+    layer, x = CausalSelfAttention(24, 3, qk_norm=True, norm_eps=1e-6), torch.randn(2, 7, 24)
+    with torch.no_grad():  # gains away from 1, so a forgotten gain shows
+        layer.q_norm.weight.uniform_(0.5, 2.0)
+        layer.k_norm.weight.uniform_(0.5, 2.0)
+    q, k, v = (split_heads(t, 3) for t in layer.c_attn(x).split(24, dim=-1))
+    q = F.rms_norm(q, (8,), layer.q_norm.weight, eps=1e-6)
+    k = F.rms_norm(k, (8,), layer.k_norm.weight, eps=1e-6)
+    expected = layer.c_proj(merge_heads(multi_head_loops(q, k, v)))
+    assert torch.allclose(layer(x), expected, atol=TOL)
+    assert sum(p.numel() for p in layer.parameters()) == sum(
+        p.numel() for p in CausalSelfAttention(24, 3).parameters()) + 2 * 8  # a gain per head channel, q and k
+
+
 def run_in_pieces(layer, x, pieces, cache):
     outputs, start = [], 0
     for size in pieces:
@@ -197,7 +213,7 @@ def run_in_pieces(layer, x, pieces, cache):
 
 
 @pytest.mark.parametrize("options", [{}, {"rope": True}, {"window": 4}, {"rope": True, "window": 3, "n_kv_head": 2},
-                                     {"n_kv_head": 1, "rope": True}])
+                                     {"n_kv_head": 1, "rope": True}, {"qk_norm": True, "rope": True, "n_kv_head": 2}])
 @pytest.mark.parametrize("pieces", [[1] * 10, [4, 1, 1, 4], [10]])
 def test_kv_cache_gives_the_same_outputs(options, pieces):
     torch.manual_seed(0)

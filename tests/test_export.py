@@ -108,8 +108,8 @@ def test_our_gelu_is_transformers_exact_gelu(transformers):
     assert not torch.equal(ACT2FN["gelu_new"](x), ours(x)), "the tanh approximation must differ, or this proves nothing"
 
 
-@pytest.mark.parametrize("field, value", [("norm", "rmsnorm"), ("mlp", "swiglu"), ("pos", "rope"),
-                                          ("n_kv_head", 2), ("window", 8)])
+@pytest.mark.parametrize("field, value", [("norm", "rmsnorm"), ("mlp", "swiglu"), ("mlp", "relu2"), ("pos", "rope"),
+                                          ("n_kv_head", 2), ("window", 8), ("qk_norm", True)])
 def test_configs_gpt2_cannot_represent_are_refused_naming_the_field(field, value):
     config = GPTConfig(vocab_size=300, block_size=32, n_layer=1, n_head=4, n_embd=64, **{field: value})
     with pytest.raises(CourseError, match=rf"^{field}=") as refused:
@@ -236,6 +236,10 @@ REFUSED = {  # config changes -> the field the message must start with
     "learned+gqa": (dict(n_kv_head=2), "n_kv_head"),
     "learned+window": (dict(window=8), "window"),
     "window+bias": (dict(LLAMA, window=8, bias=True), "bias"),
+    "learned+relu2": (dict(mlp="relu2"), "mlp"),
+    "rope+relu2": (dict(LLAMA, mlp="relu2"), "mlp"),
+    "learned+qk_norm": (dict(qk_norm=True), "qk_norm"),
+    "llama+qk_norm": (dict(LLAMA, qk_norm=True), "qk_norm"),
 }
 
 

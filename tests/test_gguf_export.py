@@ -161,7 +161,9 @@ def test_llama_shaped_models_round_trip_exactly(tmp_path, overrides):
     (dict(norm="rmsnorm"), "norm="),
     (dict(pos="rope", norm="rmsnorm", mlp="swiglu", window=8, bias=False), "window=8"),
     (dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=True), "bias=True"),
-], ids=["rope-layernorm", "rmsnorm-learned", "window", "llama-bias"])
+    (dict(qk_norm=True), "qk_norm=True"),
+    (dict(mlp="relu2"), "mlp='relu2'"),
+], ids=["rope-layernorm", "rmsnorm-learned", "window", "llama-bias", "qk-norm", "relu2"])
 def test_configs_gguf_cannot_hold_are_refused_and_leave_nothing(tmp_path, overrides, fix):
     model = GPT(GPTConfig(vocab_size=300, block_size=32, n_layer=1, n_head=2, n_embd=32, **overrides))
     with pytest.raises(CourseError, match=fix):

@@ -81,10 +81,10 @@ def test_checkpointing_cuts_saved_activations_by_60_percent():
     assert saved[True] <= 0.4 * saved[False], saved
 
 
-# Every switch GPTConfig offers; the full grid has 1024 combinations, the test measures a seeded sample.
-SWITCHES = dict(norm=["layernorm", "rmsnorm"], mlp=["gelu", "swiglu"], pos=["learned", "rope"], n_kv_head=[None, 2, 3, 1],
-                dropout=[0.0, 0.1], bias=[True, False], tie_embeddings=[True, False], window=[None, 16],
-                gradient_checkpointing=[False, True])
+# Every switch GPTConfig offers; the full grid has 3072 combinations, the test measures a seeded sample.
+SWITCHES = dict(norm=["layernorm", "rmsnorm"], mlp=["gelu", "swiglu", "relu2"], pos=["learned", "rope"],
+                n_kv_head=[None, 2, 3, 1], dropout=[0.0, 0.1], bias=[True, False], tie_embeddings=[True, False],
+                window=[None, 16], qk_norm=[False, True], gradient_checkpointing=[False, True])
 SAMPLE = [dict(zip(SWITCHES, values)) for values in random.Random(8).sample(list(itertools.product(*SWITCHES.values())), 16)]
 # the named presets' recipes at a tiny, odd width: 6 heads of 10 channels, a 97-token vocabulary
 RECIPES = [{k: v for k, v in PRESETS[name].items() if k not in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")}

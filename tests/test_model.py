@@ -17,6 +17,7 @@ from openllm_edu.model import (
     IGNORE_INDEX,
     PRESETS,
     GPTConfig,
+    ReLUSquaredMLP,
     SwiGLUMLP,
     estimate_num_params,
     flops_per_token,
@@ -32,6 +33,7 @@ RECIPES = {
     "gpt2": {},
     "llama": dict(norm="rmsnorm", mlp="swiglu", pos="rope", bias=False, tie_embeddings=False, n_kv_head=2),
     "rope-window": dict(pos="rope", window=5, n_kv_head=1),
+    "qk-norm-relu2": dict(qk_norm=True, mlp="relu2", pos="rope", bias=False, n_kv_head=2),
 }
 
 
@@ -64,8 +66,9 @@ def test_formula_matches_published_counts():
     assert estimate_num_params(GPTConfig.preset("tinyllama-1.1b")) == 1_100_048_384  # TinyLlama-1.1B
 
 
-SWITCHES = dict(norm=("layernorm", "rmsnorm"), mlp=("gelu", "swiglu"), pos=("learned", "rope"), bias=(True, False),
-                tie_embeddings=(True, False), n_kv_head=(None, 1, 2), mlp_hidden=(None, 50), window=(None, 4))
+SWITCHES = dict(norm=("layernorm", "rmsnorm"), mlp=("gelu", "swiglu", "relu2"), pos=("learned", "rope"),
+                bias=(True, False), tie_embeddings=(True, False), n_kv_head=(None, 1, 2), mlp_hidden=(None, 50),
+                window=(None, 4), qk_norm=(False, True))
 
 
 @pytest.mark.parametrize("options", [dict(zip(SWITCHES, v)) for v in itertools.product(*SWITCHES.values())],
@@ -151,6 +154,16 @@ def test_swiglu_module_equals_the_formula():
     x = torch.randn(2, 3, config.n_embd)
     torch.testing.assert_close(mlp(x), swiglu(x, w_gate, w_up, mlp.c_proj.weight))
     assert GPTConfig.preset("small", mlp="swiglu").mlp_hidden_size == 1536  # 8*512//3 = 1365 -> 1536
+
+
+def test_relu2_module_is_the_square_of_pytorchs_relu():
+    config = tiny(mlp="relu2")
+    mlp = ReLUSquaredMLP(config)
+    x = torch.randn(2, 3, config.n_embd)
+    hidden = mlp.c_fc(x)
+    torch.testing.assert_close(mlp(x), mlp.c_proj(torch.pow(torch.nn.ReLU()(hidden), 2)))
+    assert config.mlp_hidden_size == 4 * config.n_embd and "gelu" not in dict(mlp.named_children())
+    assert isinstance(GPT(config).blocks[0].mlp, ReLUSquaredMLP)
 
 
 def test_bf16_autocast_forward_and_backward():

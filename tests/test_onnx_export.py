@@ -32,6 +32,7 @@ from openllm_edu.tokenizer import load_tokenizer  # noqa: E402
 
 LOGIT_TOLERANCE = 1e-4
 LLAMA_SHAPE = dict(norm="rmsnorm", mlp="swiglu", pos="rope", n_kv_head=2, bias=False, tie_embeddings=False, window=16)
+SPEEDRUN_SHAPE = dict(qk_norm=True, mlp="relu2", pos="rope", norm="rmsnorm", bias=False, tie_embeddings=False)  # no HF class
 
 
 def random_gpt(**overrides) -> GPT:
@@ -47,17 +48,19 @@ def random_gpt(**overrides) -> GPT:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    "name -> (model, tokenizer or None, export folder): GPT-2-shaped, Llama-shaped with a window, the ci course model."
+    """name -> (model, tokenizer or None, export folder): GPT-2-shaped, Llama-shaped with a window, QK-norm with
+    ReLU² (which no Hugging Face class holds, but a traced graph does), the ci course model."""
     root = tmp_path_factory.mktemp("onnx")
-    gpt2, llama = random_gpt(), random_gpt(**LLAMA_SHAPE)
+    gpt2, llama, speedrun = random_gpt(), random_gpt(**LLAMA_SHAPE), random_gpt(**SPEEDRUN_SHAPE)
     course, tokenizer = course_model("ci")
     saved = save_pretrained(course, root / "course-saved", tokenizer)
     return {"gpt2": (gpt2, None, export_onnx(gpt2, root / "gpt2")),
             "llama-window": (llama, None, export_onnx(llama, root / "llama")),
+            "qk-norm-relu2": (speedrun, None, export_onnx(speedrun, root / "speedrun")),
             "course": (course, tokenizer, export_onnx(saved, root / "course"))}  # from a folder, tokenizer included
 
 
-MODELS = ["gpt2", "llama-window", "course"]
+MODELS = ["gpt2", "llama-window", "qk-norm-relu2", "course"]
 
 
 @pytest.mark.parametrize("name", MODELS)
