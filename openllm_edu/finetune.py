@@ -33,13 +33,13 @@ from .trainer import TrainData, Trainer
 
 # %% auto #0
 __all__ = ['FAMILIES', 'READING', 'UNANSWERABLE', 'FINETUNE_REPORT', 'CHAT_TEMPLATE_FILE', 'SQUAD_DATA', 'HELD_OUT',
-           'speech_text', 'speaker_questions', 'next_line_questions', 'count_questions', 'play_questions',
-           'reply_questions', 'first_questions', 'conversation', 'family_items', 'check_families', 'instruction_data',
-           'line_hashes', 'passage_lines', 'write_conversations', 'read_conversations', 'alpaca_to_messages',
-           'squad_conversation', 'squad_instruction_data', 'conversation_examples', 'fits_block', 'ConversationSampler',
-           'sft_trainer', 'greedy_reply', 'exact_match', 'best_constant', 'replay_examples', 'split_conversations',
-           'finetune_conversations', 'held_out_bits_per_byte', 'check_finetune_out', 'save_finetuned',
-           'finetune_checkpoint', 'format_finetune_report', 'fit_history', 'stream_reply']
+           'speech_text', 'speaker_questions', 'next_line_questions', 'adjacent_speech_pairs', 'count_questions',
+           'play_questions', 'reply_questions', 'first_questions', 'conversation', 'family_items', 'check_families',
+           'instruction_data', 'line_hashes', 'passage_lines', 'write_conversations', 'read_conversations',
+           'alpaca_to_messages', 'squad_conversation', 'squad_instruction_data', 'conversation_examples', 'fits_block',
+           'ConversationSampler', 'sft_trainer', 'greedy_reply', 'exact_match', 'best_constant', 'replay_examples',
+           'split_conversations', 'finetune_conversations', 'held_out_bits_per_byte', 'check_finetune_out',
+           'save_finetuned', 'finetune_checkpoint', 'format_finetune_report', 'fit_history', 'stream_reply']
 
 # %% ../nbs/11_sft.ipynb #4c40e44c
 def speech_text(scene: Scene, speech) -> str:
@@ -58,13 +58,18 @@ def next_line_questions(scene: Scene, fresh: Callable[[str], bool], lines: int =
             if all(map(fresh, scene.lines[i - lines:i + 1]))]
 
 
+def adjacent_speech_pairs(scene: Scene, fresh: Callable[[str], bool], lines: int = 2) -> list[tuple]:
+    "Speeches (a, b), b right after a, of at most lines + 2 spoken lines together, every one of them fresh."
+    return [(a, b) for a, b in zip(scene.speeches, scene.speeches[1:])
+            if b.start == a.end + 2 and (a.end - a.start) + (b.end - b.start) <= lines + 2
+            and all(map(fresh, scene.lines[a.start:a.end] + scene.lines[b.start:b.end]))]
+
+
 def count_questions(scene: Scene, fresh: Callable[[str], bool], lines: int = 2) -> list[tuple[str, str]]:
-    "Two speeches in a row, of at most lines + 2 spoken lines together; the question names the first speaker."
-    pairs = zip(scene.speeches, scene.speeches[1:])
+    "Two speeches in a row; the question names the first speaker, the answer counts that speaker's lines."
     return [(f"How many lines does {a.speaker} speak in this passage?\n{speech_text(scene, a)}\n{speech_text(scene, b)}",
              str(sum(s.end - s.start for s in (a, b) if s.speaker == a.speaker)))
-            for a, b in pairs if b.start == a.end + 2 and (a.end - a.start) + (b.end - b.start) <= lines + 2
-            and all(map(fresh, scene.lines[a.start:a.end] + scene.lines[b.start:b.end]))]
+            for a, b in adjacent_speech_pairs(scene, fresh, lines)]
 
 
 def play_questions(scene: Scene, fresh: Callable[[str], bool], lines: int = 2) -> list[tuple[str, str]]:
@@ -92,12 +97,9 @@ def reply_questions(scene: Scene, fresh: Callable[[str], bool], lines: int = 2) 
 
 
 def first_questions(scene: Scene, fresh: Callable[[str], bool], lines: int = 2) -> list[tuple[str, str]]:
-    "Two speeches in a row by two speakers, of at most lines + 2 spoken lines; the answer is the first speaker."
-    pairs = zip(scene.speeches, scene.speeches[1:])
+    "Two speeches in a row by two speakers; the answer is the first speaker."
     return [(f"Who speaks first in this passage?\n{speech_text(scene, a)}\n{speech_text(scene, b)}", a.speaker)
-            for a, b in pairs if b.start == a.end + 2 and a.speaker != b.speaker
-            and (a.end - a.start) + (b.end - b.start) <= lines + 2
-            and all(map(fresh, scene.lines[a.start:a.end] + scene.lines[b.start:b.end]))]
+            for a, b in adjacent_speech_pairs(scene, fresh, lines) if a.speaker != b.speaker]
 
 
 FAMILIES = {"speaker": speaker_questions, "next_line": next_line_questions, "count": count_questions,
@@ -443,8 +445,8 @@ def finetune_checkpoint(checkpoint: str | Path, out_dir: str | Path, data: str |
     model = (finish(model) if finish else model).cpu().eval()
     after = dict(exact_match=exact_match(model, chat, held), bits_per_byte=held_out_bits_per_byte(model, chat, profile))
     report = dict(checkpoint=str(checkpoint), data=str(data), method=method, steps=steps, lr=lr, batch_size=batch_size, replay=replay,
-                  limit=limit, profile=profile.name, **(dict(families=list(families), items=items) if data == "chat" else
-                                                         dict(families=None, items=None)), train_conversations=len(train), trainable_parameters=trainable,
+                  limit=limit, profile=profile.name, families=list(families) if data == "chat" else None,
+                  items=items if data == "chat" else None, train_conversations=len(train), trainable_parameters=trainable,
                   held_out=HELD_OUT.get(str(data).split(":")[0], "every 10th conversation"),
                   constant={family: best_constant(items) for family, items in held.items()},
                   before=before, after=after, seconds=round(time.perf_counter() - started, 1))

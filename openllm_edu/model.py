@@ -187,7 +187,7 @@ class SwiGLUMLP(nn.Module):
         gate, up = self.c_fc(x).chunk(2, dim=-1)
         return self.dropout(self.c_proj(F.silu(gate) * up))
 
-# %% ../nbs/05_gpt.ipynb #ef9923db
+# %% ../nbs/05_gpt.ipynb #a349340f
 class ReLUSquaredMLP(MLP):
     "The MLP with relu(x)² in place of GELU: the same two matrices, a cheaper and sparser activation."
     def __init__(self, config: GPTConfig):
