@@ -308,21 +308,21 @@ def test_char_baseline_is_nanogpts_recipe_on_our_model(tmp_path):
 
 
 def test_speedrun_preset_trains_its_recipe(tmp_path):
-    "The ten-minute recipe: tiny 128-wide model, no biases, untied head, 8 x 256 batches, linear decay, Muon, BPE 8,192."
+    "The ten-minute recipe: tiny 128-wide, no biases, untied head, RoPE, 8 x 256 batches, linear decay, Muon, BPE 8,192."
     from openllm_edu.model import GPT, GPTConfig
 
     done = openllm_edu("train", "--preset", "speedrun", "--out", tmp_path / "run", "--max-steps", 2, "--no-progress")
     assert done.returncode == 0, done.stderr
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (saved["model"], saved["model_overrides"], saved["block_size"], saved["batch_size"]) == (
-        "tiny", {"bias": False, "tie_embeddings": False}, 256, 8)
+        "tiny", {"bias": False, "tie_embeddings": False, "pos": "rope"}, 256, 8)
     assert (saved["optimizer"]["name"], saved["optimizer"]["muon_lr_scale"]) == ("muon", 5.0)
     assert (saved["schedule"]["name"], saved["schedule"]["max_lr"], saved["schedule"]["min_lr"]) == ("linear", 3e-3, 3e-5)
     tokenizer = json.loads((tmp_path / "run" / "tokenizer" / "tokenizer.json").read_text())
     assert tokenizer["kind"] == "bpe"
     vocab = json.loads((tmp_path / "run" / "data" / "train.json").read_text())["vocab_size"]
     expected = GPT(GPTConfig(vocab_size=vocab, block_size=256, n_layer=4, n_head=4, n_embd=128, bias=False,
-                             tie_embeddings=False))
+                             tie_embeddings=False, pos="rope"))
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["parameters"] == expected.num_params()
 
 
